@@ -1,0 +1,530 @@
+"""ONNX export of the backbone and of task adapters, parity checks and manifests.
+
+Repository layout::
+
+    <repository>/backbones/<backbone-name>/{manifest.json, backbone.onnx}
+    <repository>/tasks/<task-name>/<version>/{manifest.json, side.onnx}
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import io
+import json
+import re
+import warnings
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from . import __version__
+from .config import DEFAULT_OPSET, BackboneConfig, SideConfig
+from .model import Backbone, BackboneForExport, FPTPlus, SideNetwork
+
+BACKBONE_FORMAT = "fptserve.backbone/v1"
+ADAPTER_FORMAT = "fptserve.adapter/v1"
+KV_LAYOUT = "batch,layer,head,token,head_dim"
+FP32_TOLERANCE = 1e-4
+# Importance values closer than this to the k-th largest one count as ties (a token there may
+# be swapped across the top-k boundary by float rounding without being a bug).
+TIE_TOLERANCE = {"float32": 1e-6, "float16": 1e-4}
+MAX_SINGLE_FILE_BYTES = 2_000_000_000
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+class ExportError(RuntimeError):
+    """An export that cannot be made or failed its parity check."""
+
+
+# --------------------------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------------------------
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def write_json(path: Path, obj: Any) -> None:
+    path.write_text(json.dumps(obj, indent=2) + "\n")
+
+
+def check_name(kind: str, value: str) -> None:
+    if not _NAME.match(value or ""):
+        raise ExportError(f"{kind} {value!r} must match {_NAME.pattern} (it becomes a folder name)")
+
+
+def versions() -> dict[str, str]:
+    import onnx
+    import onnxruntime
+
+    return {
+        "exporter": f"fptserve-models {__version__}",
+        "torch": torch.__version__.split("+")[0],  # no local build tag (cpu vs cuda wheel)
+        "onnx": onnx.__version__,
+        "onnxruntime": onnxruntime.__version__,
+    }
+
+
+def to_onnx_bytes(
+    module: torch.nn.Module,
+    args: tuple,
+    input_names: Sequence[str],
+    output_names: Sequence[str],
+    opset: int,
+    output_shapes: dict[str, Sequence[int]] | None = None,
+) -> bytes:
+    """TorchScript-based export into memory: one self-contained, deterministic file.
+
+    ``output_shapes`` (-1 = batch) replaces the exporter's symbolic output dims, so that only
+    the batch dimension is dynamic in the graph's declared interface."""
+    size = sum(p.numel() * p.element_size() for p in module.parameters())
+    size += sum(b.numel() * b.element_size() for b in module.buffers())
+    if size > MAX_SINGLE_FILE_BYTES:
+        raise ExportError(
+            f"model weights are {size / 1e9:.2f} GB: single-file ONNX is limited to 2 GB and this exporter "
+            "does not write external data (.onnx.data)"
+        )
+    buf = io.BytesIO()
+    module.eval()
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            module,
+            args,
+            buf,
+            dynamo=False,
+            input_names=list(input_names),
+            output_names=list(output_names),
+            opset_version=int(opset),
+            dynamic_axes={n: {0: "batch"} for n in list(input_names) + list(output_names)},
+            do_constant_folding=True,
+        )
+    data = buf.getvalue()
+    if output_shapes:
+        import onnx
+
+        model = onnx.load_from_string(data)
+        for out in model.graph.output:
+            if out.name in output_shapes:
+                dims = out.type.tensor_type.shape.dim
+                want = list(output_shapes[out.name])
+                if len(dims) != len(want):
+                    raise ExportError(f"output {out.name} has rank {len(dims)}, expected {len(want)}")
+                for d, w in zip(dims, want):
+                    if w == -1:
+                        d.dim_param = "batch"
+                    else:
+                        d.dim_value = int(w)
+        onnx.checker.check_model(model)
+        data = model.SerializeToString()
+    return data
+
+
+def ort_session(model: bytes | str | Path):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    if isinstance(model, Path):
+        model = str(model)
+    return ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
+
+
+def parity_inputs(shape: Sequence[int], seed: int) -> torch.Tensor:
+    return torch.randn(tuple(shape), generator=torch.Generator().manual_seed(int(seed)))
+
+
+def np_dtype(name: str):
+    return {"float32": np.float32, "float16": np.float16}[name]
+
+
+def torch_dtype(name: str):
+    return {"float32": torch.float32, "float16": torch.float16}[name]
+
+
+# --------------------------------------------------------------------------------------------
+# backbone
+# --------------------------------------------------------------------------------------------
+
+
+def backbone_architecture(config: BackboneConfig, kv_dtype: str) -> dict[str, Any]:
+    return {
+        "kind": "vit",
+        "hidden_size": config.hidden_size,
+        "num_heads": config.num_heads,
+        "head_dim": config.head_dim,
+        "patch_size": config.patch_size,
+        "num_layers": config.num_layers,
+        "image_size": config.image_size,
+        "pretrained_image_size": config.pretrained_image_size,
+        "num_tokens": config.num_tokens,
+        "layers_used": list(config.layers_used),
+        "token_ratio": config.token_ratio,
+        "top_k": config.top_k,
+        "layer_norm_eps": config.layer_norm_eps,
+        "kv_dtype": kv_dtype,
+        "kv_layout": KV_LAYOUT,
+        # extra keys (allowed by the format): what a rebuild of the PyTorch model needs
+        "mlp_size": config.mlp_size,
+        "num_channels": config.num_channels,
+        "qkv_bias": config.qkv_bias,
+    }
+
+
+def backbone_config_from_manifest(manifest: dict[str, Any]) -> BackboneConfig:
+    a = manifest["architecture"]
+    return BackboneConfig(
+        hidden_size=a["hidden_size"],
+        num_heads=a["num_heads"],
+        num_layers=a["num_layers"],
+        mlp_size=a["mlp_size"],
+        patch_size=a["patch_size"],
+        num_channels=a.get("num_channels", 3),
+        image_size=a["image_size"],
+        pretrained_image_size=a["pretrained_image_size"],
+        layers_used=tuple(a["layers_used"]),
+        token_ratio=a["token_ratio"],
+        layer_norm_eps=a["layer_norm_eps"],
+        qkv_bias=a.get("qkv_bias", True),
+    )
+
+
+def kv_shape(config: BackboneConfig) -> list[int]:
+    return [-1, len(config.layers_used), config.num_heads, config.top_k, config.head_dim]
+
+
+def compare_kv_sets(details, key_states: np.ndarray, value_states: np.ndarray, tie_tolerance: float) -> dict[str, Any]:
+    """Compare exported K/V with the PyTorch reference as SETS per (sample, layer, head).
+
+    Each exported row (K||V) is matched to the nearest row of the reference's *full* K/V
+    (all N tokens), which recovers the token each exported row came from. The K/V error is
+    measured on those matches; the recovered token set is compared with the reference's
+    top-k set, and every token in their symmetric difference must be a near-tie with the
+    k-th importance value (else it counts as unexplained).
+    """
+    ref_full = torch.cat([details.all_keys, details.all_values], dim=-1).double().numpy()  # [B,L,H,N,2d]
+    ref_idx = details.indices.numpy()
+    importance = details.importance.double().numpy()
+    got = np.concatenate([key_states, value_states], axis=-1).astype(np.float64)  # [B,L,H,k,2d]
+    b_, l_, h_, k_, _ = got.shape
+    max_diff, mismatched, unexplained, duplicates = 0.0, 0, 0, 0
+    for b in range(b_):
+        for l in range(l_):
+            for h in range(h_):
+                rows, full = got[b, l, h], ref_full[b, l, h]
+                dist = (rows * rows).sum(1)[:, None] + (full * full).sum(1)[None, :] - 2.0 * rows @ full.T
+                idx = dist.argmin(axis=1)
+                if len(set(idx.tolist())) != k_:
+                    duplicates += 1
+                max_diff = max(max_diff, float(np.abs(rows - full[idx]).max()))
+                diff = set(idx.tolist()) ^ set(ref_idx[b, l, h].tolist())
+                if diff:
+                    imp = importance[b, l, h]
+                    kth = np.sort(imp)[::-1][k_ - 1]
+                    mismatched += len(diff)
+                    unexplained += sum(1 for t in diff if abs(imp[t] - kth) > tie_tolerance)
+    return {
+        "max_abs_diff": max_diff,
+        "tokens_compared": int(b_ * l_ * h_ * k_),
+        "set_mismatches": int(mismatched),
+        "unexplained_set_mismatches": int(unexplained),
+        "duplicate_matches": int(duplicates),
+    }
+
+
+def export_backbone(
+    model: Backbone,
+    repository: str | Path,
+    name: str,
+    source_weights: str,
+    seed: int | None,
+    fp16: bool = False,
+    opset: int = DEFAULT_OPSET,
+    parity_samples: int = 2,
+    parity_seed: int = 1234,
+) -> dict[str, Any]:
+    """Write backbones/<name>/{backbone.onnx, manifest.json}; returns the manifest."""
+    check_name("backbone name", name)
+    config = model.config
+    kv_dtype = "float16" if fp16 else "float32"
+    export_model = copy.deepcopy(model).eval()
+    if fp16:
+        # weights and compute in float16; the resized position table is the float32 one rounded
+        # once (.half() converts buffers too), never re-interpolated in float16
+        export_model = export_model.half()
+    wrapper = BackboneForExport(export_model)
+    example = torch.zeros(1, config.num_channels, config.image_size, config.image_size)
+    shape = kv_shape(config)
+    data = to_onnx_bytes(
+        wrapper, (example,), ["pixel_values"], ["key_states", "value_states"], opset,
+        {"key_states": shape, "value_states": shape},
+    )
+
+    parity = backbone_parity(model, data, kv_dtype, parity_samples, parity_seed)
+
+    folder = Path(repository) / "backbones" / name
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "backbone.onnx").write_bytes(data)
+    shape = kv_shape(config)
+    manifest = {
+        "format": BACKBONE_FORMAT,
+        "name": name,
+        "file": "backbone.onnx",
+        "sha256": sha256_bytes(data),
+        "source_weights": source_weights,
+        "architecture": backbone_architecture(config, kv_dtype),
+        "inputs": [
+            {"name": "pixel_values", "dtype": "float32", "shape": [-1, config.num_channels, config.image_size, config.image_size]}
+        ],
+        "outputs": [
+            {"name": "key_states", "dtype": kv_dtype, "shape": shape},
+            {"name": "value_states", "dtype": kv_dtype, "shape": shape},
+        ],
+        "opset": int(opset),
+        "parity": parity,
+        "provenance": {**versions(), "seed": seed},
+    }
+    write_json(folder / "manifest.json", manifest)
+    return manifest
+
+
+def backbone_parity(model: Backbone, data: bytes, kv_dtype: str, samples: int, seed: int) -> dict[str, Any]:
+    c = model.config
+    x = parity_inputs((samples, c.num_channels, c.image_size, c.image_size), seed)
+    with torch.no_grad():
+        details = model.run(x, details=True)
+    k_o, v_o = ort_session(data).run(["key_states", "value_states"], {"pixel_values": x.numpy()})
+    expected = (samples, len(c.layers_used), c.num_heads, c.top_k, c.head_dim)
+    if k_o.shape != expected or v_o.shape != expected or k_o.dtype != np_dtype(kv_dtype):
+        raise ExportError(f"backbone.onnx gives K/V {k_o.shape} {k_o.dtype}, expected {expected} {kv_dtype}")
+    result = compare_kv_sets(details, k_o, v_o, TIE_TOLERANCE[kv_dtype])
+    parity = {
+        "dtype": kv_dtype,
+        "max_abs_diff": result["max_abs_diff"],
+        "samples": int(samples),
+        "method": (
+            f"onnxruntime CPU vs PyTorch float32 on {samples} seeded N(0,1) inputs (seed {seed}); selected K/V "
+            "compared as sets per (sample, layer, head): each exported row is matched to the reference token "
+            "it came from, max_abs_diff is over the matched K/V values, set mismatches must be importance ties"
+        ),
+        "set_mismatches": result["set_mismatches"],
+        "unexplained_set_mismatches": result["unexplained_set_mismatches"],
+        "tokens_compared": result["tokens_compared"],
+        "tie_tolerance": TIE_TOLERANCE[kv_dtype],
+    }
+    if kv_dtype == "float32":
+        problems = []
+        if result["max_abs_diff"] > FP32_TOLERANCE:
+            problems.append(f"K/V max abs diff {result['max_abs_diff']:.3g} > {FP32_TOLERANCE}")
+        if result["unexplained_set_mismatches"] or result["duplicate_matches"]:
+            problems.append(f"selected token sets differ beyond ties: {result}")
+        if problems:
+            raise ExportError("backbone parity check failed: " + "; ".join(problems))
+    return parity
+
+
+# --------------------------------------------------------------------------------------------
+# adapter
+# --------------------------------------------------------------------------------------------
+
+
+def side_architecture(side: SideConfig) -> dict[str, Any]:
+    return {
+        "hidden_size": side.hidden_size,
+        "num_layers": side.num_layers,
+        "num_heads": side.num_heads,
+        "head_dim": side.head_dim,
+        "mlp_size": side.mlp_size,
+        "patch_size": side.patch_size,
+        "image_size": side.image_size,
+        "num_prompts": side.num_prompts,
+        "num_classes": side.num_classes,
+        "layer_norm_eps": side.layer_norm_eps,
+        # extra key (allowed by the format)
+        "fusion_layer_norm_eps": side.fusion_layer_norm_eps,
+    }
+
+
+def read_backbone(repository: str | Path, name: str) -> tuple[dict[str, Any], Path]:
+    folder = Path(repository) / "backbones" / name
+    mpath = folder / "manifest.json"
+    if not mpath.is_file():
+        raise ExportError(f"no backbone {name!r} in {repository} (missing {mpath}); export it first")
+    manifest = json.loads(mpath.read_text())
+    if manifest.get("format") != BACKBONE_FORMAT:
+        raise ExportError(f"{mpath}: format {manifest.get('format')!r} is not {BACKBONE_FORMAT}")
+    onnx_path = folder / manifest["file"]
+    digest = sha256_bytes(onnx_path.read_bytes())
+    if digest != manifest["sha256"]:
+        raise ExportError(f"{onnx_path}: sha256 {digest} does not match its manifest ({manifest['sha256']})")
+    return manifest, onnx_path
+
+
+def check_backbone_matches(manifest: dict[str, Any], config: BackboneConfig) -> None:
+    """The PyTorch backbone used for parity must be the one the manifest describes."""
+    want = backbone_architecture(config, manifest["architecture"]["kv_dtype"])
+    have = manifest["architecture"]
+    diffs = [f"{k}: manifest {have.get(k)!r}, model {v!r}" for k, v in want.items() if have.get(k) != v]
+    if diffs:
+        raise ExportError(f"backbone {manifest['name']!r} does not match the given backbone model: " + "; ".join(diffs))
+
+
+def check_classes(classes: Sequence[str], side: SideConfig) -> list[str]:
+    classes = [str(c) for c in classes]
+    if not classes:
+        raise ExportError("class names are required (checkpoints do not carry them)")
+    if any(not c.strip() for c in classes):
+        raise ExportError(f"class names must be non-empty: {classes}")
+    if len(set(classes)) != len(classes):
+        raise ExportError(f"class names must be unique: {classes}")
+    if len(classes) != side.num_classes:
+        raise ExportError(
+            f"{len(classes)} class names given ({classes}) but the side network has {side.num_classes} outputs"
+        )
+    return classes
+
+
+def check_norm(kind: str, values: Sequence[float], channels: int) -> list[float]:
+    values = [float(v) for v in values]
+    if len(values) != channels:
+        raise ExportError(f"{kind} needs {channels} values (one per channel), got {values}")
+    if kind == "std" and any(v <= 0 for v in values):
+        raise ExportError(f"std values must be > 0, got {values}")
+    return values
+
+
+def export_adapter(
+    repository: str | Path,
+    backbone_name: str,
+    task: str,
+    version: str,
+    classes: Sequence[str],
+    side: SideNetwork,
+    backbone: Backbone,
+    mean: Sequence[float],
+    std: Sequence[float],
+    checkpoint: str,
+    checkpoint_sha256: str | None,
+    seed: int | None = None,
+    opset: int = DEFAULT_OPSET,
+    parity_samples: int = 2,
+    parity_seed: int = 4321,
+) -> dict[str, Any]:
+    """Write tasks/<task>/<version>/{side.onnx, manifest.json}; returns the manifest.
+
+    ``backbone`` is the float32 PyTorch backbone that backbones/<backbone_name> was exported
+    from: the end-to-end parity check runs the whole classifier against it."""
+    check_name("task name", task)
+    check_name("version", str(version))
+    version = str(version)
+    bmanifest, bpath = read_backbone(repository, backbone_name)
+    check_backbone_matches(bmanifest, backbone.config)
+    bconf, sconf = backbone.config, side.config
+    if side.backbone_config != bconf:
+        raise ExportError(
+            f"the side network was built for backbone config {side.backbone_config} but the backbone is {bconf}"
+        )
+    classes = check_classes(classes, sconf)
+    mean = check_norm("mean", mean, sconf.num_channels)
+    std = check_norm("std", std, sconf.num_channels)
+    kv_dtype = bmanifest["architecture"]["kv_dtype"]
+    shape = kv_shape(bconf)
+
+    side = side.eval()
+    example = (
+        torch.zeros(1, sconf.num_channels, sconf.image_size, sconf.image_size),
+        torch.zeros(1, *shape[1:], dtype=torch_dtype(kv_dtype)),
+        torch.zeros(1, *shape[1:], dtype=torch_dtype(kv_dtype)),
+    )
+    data = to_onnx_bytes(
+        side, example, ["side_pixel_values", "key_states", "value_states"], ["logits"], opset,
+        {"logits": [-1, sconf.num_classes]},
+    )
+    parity = adapter_parity(backbone, side, bpath, data, kv_dtype, parity_samples, parity_seed)
+
+    folder = Path(repository) / "tasks" / task / version
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "side.onnx").write_bytes(data)
+    manifest = {
+        "format": ADAPTER_FORMAT,
+        "task": task,
+        "version": version,
+        "method": "fpt+",
+        "file": "side.onnx",
+        "sha256": sha256_bytes(data),
+        "backbone": {"name": backbone_name, "sha256": bmanifest["sha256"]},
+        "classes": classes,
+        "preprocessing": {
+            "backbone_size": [bconf.image_size, bconf.image_size],
+            "side_size": [sconf.image_size, sconf.image_size],
+            "resize": "pil-bilinear",
+            "mean": mean,
+            "std": std,
+            "channels": "rgb",
+            "dicom": {"voi": "auto"},
+        },
+        "architecture": side_architecture(sconf),
+        "inputs": [
+            {"name": "side_pixel_values", "dtype": "float32", "shape": [-1, sconf.num_channels, sconf.image_size, sconf.image_size]},
+            {"name": "key_states", "dtype": kv_dtype, "shape": shape},
+            {"name": "value_states", "dtype": kv_dtype, "shape": shape},
+        ],
+        "outputs": [{"name": "logits", "dtype": "float32", "shape": [-1, sconf.num_classes]}],
+        "opset": int(opset),
+        "parity": parity,
+        "provenance": {
+            **versions(),
+            "checkpoint": checkpoint,
+            "checkpoint_sha256": checkpoint_sha256,
+            "seed": seed,
+        },
+    }
+    write_json(folder / "manifest.json", manifest)
+    return manifest
+
+
+def adapter_parity(
+    backbone: Backbone, side: SideNetwork, backbone_path: Path, data: bytes, kv_dtype: str, samples: int, seed: int
+) -> dict[str, Any]:
+    b, s = backbone.config, side.config
+    gen = torch.Generator().manual_seed(int(seed))
+    x = torch.randn(samples, b.num_channels, b.image_size, b.image_size, generator=gen)
+    y = torch.randn(samples, s.num_channels, s.image_size, s.image_size, generator=gen)
+    with torch.no_grad():
+        k, v = backbone(x)
+        reference = FPTPlus(backbone, side)(x, y).numpy()
+        # side alone: identical K/V (rounded to the K/V dtype) into PyTorch and ONNX Runtime
+        kq, vq = k.to(torch_dtype(kv_dtype)), v.to(torch_dtype(kv_dtype))
+        side_ref = side(y, kq.float(), vq.float()).numpy()
+    side_sess = ort_session(data)
+    (side_out,) = side_sess.run(
+        ["logits"], {"side_pixel_values": y.numpy(), "key_states": kq.numpy(), "value_states": vq.numpy()}
+    )
+    side_diff = float(np.abs(side_out - side_ref).max())
+    k_o, v_o = ort_session(backbone_path).run(["key_states", "value_states"], {"pixel_values": x.numpy()})
+    (e2e_out,) = side_sess.run(["logits"], {"side_pixel_values": y.numpy(), "key_states": k_o, "value_states": v_o})
+    e2e_diff = float(np.abs(e2e_out - reference).max())
+    parity = {
+        "dtype": "float32",
+        "max_abs_diff": side_diff,
+        "samples": int(samples),
+        "method": (
+            f"logits, onnxruntime CPU vs PyTorch on {samples} seeded N(0,1) inputs (seed {seed}): max_abs_diff is "
+            f"side.onnx vs the PyTorch side network on identical {kv_dtype} K/V; end_to_end is backbone.onnx + "
+            "side.onnx vs the float32 PyTorch FPT+ model"
+        ),
+        "end_to_end": {"kv_dtype": kv_dtype, "max_abs_diff": e2e_diff},
+    }
+    problems = []
+    if side_diff > FP32_TOLERANCE:
+        problems.append(f"side logits max abs diff {side_diff:.3g} > {FP32_TOLERANCE}")
+    if kv_dtype == "float32" and e2e_diff > FP32_TOLERANCE:
+        problems.append(f"end-to-end logits max abs diff {e2e_diff:.3g} > {FP32_TOLERANCE}")
+    if problems:
+        raise ExportError("adapter parity check failed: " + "; ".join(problems))
+    return parity

@@ -1,0 +1,366 @@
+"""PyTorch FPT+ model, written from the paper's description.
+
+Module and parameter names follow Hugging Face's classic ViT (transformers 4.x) so that
+backbone weights load from a ViT folder and side checkpoints saved by the authors' training
+code (keys ``fusion_module.*`` and ``side_encoder.*``) load as they are.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import BackboneConfig, SideConfig, check_compatible
+
+
+# --------------------------------------------------------------------------------------------
+# ViT building blocks (Hugging Face classic names)
+# --------------------------------------------------------------------------------------------
+
+
+class PatchEmbeddings(nn.Module):
+    def __init__(self, num_channels: int, hidden_size: int, patch_size: int) -> None:
+        super().__init__()
+        self.projection = nn.Conv2d(num_channels, hidden_size, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        # [B, C, H, W] -> [B, hidden, h, w] -> [B, h*w, hidden]
+        return self.projection(pixel_values).flatten(2).transpose(1, 2)
+
+
+def interpolate_position_embeddings(position_embeddings: torch.Tensor, grid_size: int) -> torch.Tensor:
+    """Resize a [1, 1 + g*g, D] position table to a grid of ``grid_size`` per side.
+
+    Behaviour of transformers 4.29 (what the authors ran): the patch part is resized bicubically
+    (align_corners=False) with ``scale_factor=(new + 0.1) / old``, which sets both the output
+    size (floor) and the sampling step (1 / scale_factor, not old / new). When the grid already
+    has the wanted size the table is returned as it is.
+    """
+    num_positions = position_embeddings.shape[1] - 1
+    old = int(round(math.sqrt(num_positions)))
+    if old * old != num_positions:
+        raise ValueError(f"position table of {num_positions} patch positions is not a square grid")
+    if old == grid_size:
+        return position_embeddings
+    dim = position_embeddings.shape[-1]
+    cls_pos = position_embeddings[:, :1]
+    grid = position_embeddings[:, 1:].reshape(1, old, old, dim).permute(0, 3, 1, 2)
+    scale = (grid_size + 0.1) / old
+    grid = F.interpolate(grid, scale_factor=(scale, scale), mode="bicubic", align_corners=False)
+    if grid.shape[-2:] != (grid_size, grid_size):
+        raise ValueError(f"interpolated grid {tuple(grid.shape[-2:])} is not {grid_size}x{grid_size}")
+    grid = grid.permute(0, 2, 3, 1).reshape(1, grid_size * grid_size, dim)
+    return torch.cat([cls_pos, grid], dim=1)
+
+
+class Embeddings(nn.Module):
+    """CLS token + patch embeddings + position embeddings.
+
+    ``position_embeddings`` has the *pretrained* grid (what checkpoints hold). The table used
+    in ``forward`` is the one resized to ``grid_size``, computed once by ``refresh()`` and kept
+    in a non-persistent buffer: an exported graph carries it as a constant.
+    """
+
+    def __init__(self, num_channels: int, hidden_size: int, patch_size: int, pretrained_grid: int, grid: int):
+        super().__init__()
+        self.grid_size = grid
+        self.same_grid = pretrained_grid == grid
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, hidden_size))
+        self.position_embeddings = nn.Parameter(torch.zeros(1, pretrained_grid * pretrained_grid + 1, hidden_size))
+        self.patch_embeddings = PatchEmbeddings(num_channels, hidden_size, patch_size)
+        if not self.same_grid:
+            self.register_buffer(
+                "position_embeddings_resized", torch.zeros(1, grid * grid + 1, hidden_size), persistent=False
+            )
+        self.refresh()
+
+    @torch.no_grad()
+    def refresh(self) -> None:
+        if self.same_grid:
+            return
+        resized = interpolate_position_embeddings(self.position_embeddings.detach(), self.grid_size)
+        self.position_embeddings_resized.copy_(resized)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        patches = self.patch_embeddings(pixel_values)
+        cls = self.cls_token.expand(patches.shape[0], -1, -1)
+        pos = self.position_embeddings if self.same_grid else self.position_embeddings_resized
+        return torch.cat([cls, patches], dim=1) + pos
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, hidden_size: int, num_heads: int, qkv_bias: bool = True) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = hidden_size // num_heads
+        self.scale = 1.0 / math.sqrt(self.head_dim)
+        self.query = nn.Linear(hidden_size, hidden_size, bias=qkv_bias)
+        self.key = nn.Linear(hidden_size, hidden_size, bias=qkv_bias)
+        self.value = nn.Linear(hidden_size, hidden_size, bias=qkv_bias)
+
+    def split_heads(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, _ = x.shape
+        return x.reshape(b, n, self.num_heads, self.head_dim).transpose(1, 2)
+
+    def qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.split_heads(self.query(x)), self.split_heads(self.key(x)), self.split_heads(self.value(x))
+
+    @staticmethod
+    def merge_heads(x: torch.Tensor) -> torch.Tensor:
+        b, h, n, d = x.shape
+        return x.transpose(1, 2).reshape(b, n, h * d)
+
+
+class SelfOutput(nn.Module):
+    def __init__(self, hidden_size: int) -> None:
+        super().__init__()
+        self.dense = nn.Linear(hidden_size, hidden_size)
+
+
+class Attention(nn.Module):
+    def __init__(self, hidden_size: int, num_heads: int, qkv_bias: bool = True) -> None:
+        super().__init__()
+        self.attention = SelfAttention(hidden_size, num_heads, qkv_bias)
+        self.output = SelfOutput(hidden_size)
+
+
+class Intermediate(nn.Module):
+    def __init__(self, hidden_size: int, mlp_size: int) -> None:
+        super().__init__()
+        self.dense = nn.Linear(hidden_size, mlp_size)
+
+
+class Output(nn.Module):
+    def __init__(self, hidden_size: int, mlp_size: int) -> None:
+        super().__init__()
+        self.dense = nn.Linear(mlp_size, hidden_size)
+
+
+class Layer(nn.Module):
+    """Pre-norm transformer block (HF ViTLayer names)."""
+
+    def __init__(self, hidden_size: int, num_heads: int, mlp_size: int, eps: float, qkv_bias: bool = True):
+        super().__init__()
+        self.attention = Attention(hidden_size, num_heads, qkv_bias)
+        self.intermediate = Intermediate(hidden_size, mlp_size)
+        self.output = Output(hidden_size, mlp_size)
+        self.layernorm_before = nn.LayerNorm(hidden_size, eps=eps)
+        self.layernorm_after = nn.LayerNorm(hidden_size, eps=eps)
+
+    def attention_probs(self, hidden: torch.Tensor):
+        sa = self.attention.attention
+        q, k, v = sa.qkv(self.layernorm_before(hidden))
+        probs = torch.softmax(torch.matmul(q, k.transpose(-1, -2)) * sa.scale, dim=-1)
+        return probs, k, v
+
+    def finish(self, hidden: torch.Tensor, probs: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        context = SelfAttention.merge_heads(torch.matmul(probs, v))
+        hidden = hidden + self.attention.output.dense(context)
+        mlp = self.output.dense(F.gelu(self.intermediate.dense(self.layernorm_after(hidden))))
+        return hidden + mlp
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        probs, _, v = self.attention_probs(hidden)
+        return self.finish(hidden, probs, v)
+
+
+class Encoder(nn.Module):
+    def __init__(self, num_layers: int, hidden_size: int, num_heads: int, mlp_size: int, eps: float, qkv_bias=True):
+        super().__init__()
+        self.layer = nn.ModuleList(
+            [Layer(hidden_size, num_heads, mlp_size, eps, qkv_bias) for _ in range(num_layers)]
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# Backbone with important-token selection
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class BackboneDetails:
+    key_states: torch.Tensor  # [B, L, H, k, d]
+    value_states: torch.Tensor  # [B, L, H, k, d]
+    indices: torch.Tensor  # [B, L, H, k] selected token indices (descending importance)
+    importance: torch.Tensor  # [B, L, H, N]
+    all_keys: torch.Tensor  # [B, L, H, N, d]
+    all_values: torch.Tensor  # [B, L, H, N, d]
+    hidden_states: list  # input of each kept layer + outputs of layers before the last used
+
+
+class Backbone(nn.Module):
+    """Frozen ViT backbone pruned after the last layer used.
+
+    Holds layers 0..max(layers_used) with HF names (``embeddings.*``, ``encoder.layer.N.*``).
+    The last used layer only runs up to its attention probabilities (its attention output,
+    MLP and everything after it are never computed, so an export drops them).
+    """
+
+    def __init__(self, config: BackboneConfig) -> None:
+        super().__init__()
+        self.config = config
+        c = config
+        self.embeddings = Embeddings(c.num_channels, c.hidden_size, c.patch_size, c.pretrained_grid_size, c.grid_size)
+        self.encoder = Encoder(c.last_layer_used + 1, c.hidden_size, c.num_heads, c.mlp_size, c.layer_norm_eps, c.qkv_bias)
+
+    def refresh(self) -> None:
+        self.embeddings.refresh()
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):  # type: ignore[override]
+        result = super().load_state_dict(state_dict, strict=strict, assign=assign)
+        self.refresh()
+        return result
+
+    @staticmethod
+    def select(probs: torch.Tensor, k: torch.Tensor, v: torch.Tensor, top_k: int):
+        """Important-token selection for one layer, separately for every head.
+
+        importance = attention probabilities averaged over all queries (CLS included);
+        the top_k keys by importance (descending) and their values are gathered.
+        """
+        importance = probs.mean(dim=2)  # [B, H, N]
+        indices = torch.topk(importance, top_k, dim=-1, largest=True, sorted=True).indices  # [B, H, k]
+        gather_index = indices.unsqueeze(-1).expand(-1, -1, -1, k.shape[-1])
+        return torch.gather(k, 2, gather_index), torch.gather(v, 2, gather_index), indices, importance
+
+    def run(self, pixel_values: torch.Tensor, details: bool = False):
+        c = self.config
+        hidden = self.embeddings(pixel_values)
+        keys, values, extra = [], [], {"indices": [], "importance": [], "k": [], "v": [], "hidden": []}
+        for i, layer in enumerate(self.encoder.layer):
+            if details:
+                extra["hidden"].append(hidden)
+            if i in c.layers_used:
+                probs, k, v = layer.attention_probs(hidden)
+                sk, sv, idx, imp = self.select(probs, k, v, c.top_k)
+                keys.append(sk)
+                values.append(sv)
+                if details:
+                    extra["indices"].append(idx)
+                    extra["importance"].append(imp)
+                    extra["k"].append(k)
+                    extra["v"].append(v)
+                if i == c.last_layer_used:
+                    break
+                hidden = layer.finish(hidden, probs, v)
+            else:
+                hidden = layer(hidden)
+        key_states = torch.stack(keys, dim=1)
+        value_states = torch.stack(values, dim=1)
+        if not details:
+            return key_states, value_states
+        return BackboneDetails(
+            key_states=key_states,
+            value_states=value_states,
+            indices=torch.stack(extra["indices"], dim=1),
+            importance=torch.stack(extra["importance"], dim=1),
+            all_keys=torch.stack(extra["k"], dim=1),
+            all_values=torch.stack(extra["v"], dim=1),
+            hidden_states=extra["hidden"],
+        )
+
+    def forward(self, pixel_values: torch.Tensor):
+        return self.run(pixel_values)
+
+
+class BackboneForExport(nn.Module):
+    """Wraps a backbone for export: f32 pixels in, K/V out in the backbone's dtype."""
+
+    def __init__(self, backbone: Backbone) -> None:
+        super().__init__()
+        self.backbone = backbone
+
+    def forward(self, pixel_values: torch.Tensor):
+        dtype = self.backbone.embeddings.cls_token.dtype
+        return self.backbone.run(pixel_values.to(dtype))
+
+
+# --------------------------------------------------------------------------------------------
+# Side network: fusion module + side ViT
+# --------------------------------------------------------------------------------------------
+
+
+class FusionModule(nn.Module):
+    """Fine-grained prompts that query each backbone layer's selected K/V.
+
+    prompts [L, 1, P, D]; per layer: q = LayerNorm(prompts) split into heads,
+    softmax(q K^T / sqrt(d)) V, merged, plus the raw prompts, then Linear(D -> side width).
+    """
+
+    def __init__(self, backbone: BackboneConfig, side: SideConfig) -> None:
+        super().__init__()
+        self.num_heads = backbone.num_heads
+        self.head_dim = backbone.head_dim
+        self.scale = 1.0 / math.sqrt(backbone.head_dim)
+        self.prompts = nn.Parameter(torch.zeros(len(backbone.layers_used), 1, side.num_prompts, backbone.hidden_size))
+        self.layer_norm = nn.LayerNorm(backbone.hidden_size, eps=side.fusion_layer_norm_eps)
+        self.out_proj = nn.Linear(backbone.hidden_size, side.hidden_size)
+        self.dropout = nn.Dropout(0.5)
+
+    def forward(self, key_states: torch.Tensor, value_states: torch.Tensor) -> torch.Tensor:
+        # key_states / value_states: [B, L, H, k, d] -> fused prompts [B, L, P, side width]
+        num_layers, _, num_prompts, dim = self.prompts.shape
+        prompts = self.prompts.reshape(num_layers, num_prompts, dim)
+        q = self.layer_norm(prompts).reshape(num_layers, num_prompts, self.num_heads, self.head_dim).transpose(1, 2)
+        scores = torch.matmul(q.unsqueeze(0), key_states.transpose(-1, -2)) * self.scale  # [B, L, H, P, k]
+        context = torch.matmul(torch.softmax(scores, dim=-1), value_states)  # [B, L, H, P, d]
+        b = context.shape[0]
+        context = context.transpose(2, 3).reshape(b, num_layers, num_prompts, dim)
+        fused = self.dropout(context + prompts.unsqueeze(0))
+        return self.out_proj(fused)
+
+
+class SideViT(nn.Module):
+    def __init__(self, side: SideConfig) -> None:
+        super().__init__()
+        g = side.grid_size
+        self.embeddings = Embeddings(side.num_channels, side.hidden_size, side.patch_size, g, g)
+        self.encoder = Encoder(side.num_layers, side.hidden_size, side.num_heads, side.mlp_size, side.layer_norm_eps, side.qkv_bias)
+        self.layernorm = nn.LayerNorm(side.hidden_size, eps=side.layer_norm_eps)
+
+
+class SideEncoder(nn.Module):
+    def __init__(self, side: SideConfig) -> None:
+        super().__init__()
+        self.vit = SideViT(side)
+        self.classifier = nn.Linear(side.hidden_size, side.num_classes)
+
+
+class SideNetwork(nn.Module):
+    """What a task adapter holds: the fusion module and the side ViT (authors' key names)."""
+
+    def __init__(self, backbone: BackboneConfig, side: SideConfig) -> None:
+        super().__init__()
+        check_compatible(backbone, side)
+        self.backbone_config = backbone
+        self.config = side
+        self.fusion_module = FusionModule(backbone, side)
+        self.side_encoder = SideEncoder(side)
+
+    def forward(self, side_pixel_values: torch.Tensor, key_states: torch.Tensor, value_states: torch.Tensor):
+        dtype = self.fusion_module.prompts.dtype
+        fused = self.fusion_module(key_states.to(dtype), value_states.to(dtype))  # [B, L, P, D]
+        vit = self.side_encoder.vit
+        hidden = vit.embeddings(side_pixel_values)
+        num_prompts = fused.shape[2]
+        for i, layer in enumerate(vit.encoder.layer):
+            hidden = layer(torch.cat([hidden, fused[:, i]], dim=1))[:, :-num_prompts]
+        hidden = vit.layernorm(hidden)
+        return self.side_encoder.classifier(hidden[:, 0])
+
+
+class FPTPlus(nn.Module):
+    """Backbone + side network: the whole classifier, the reference for every parity check."""
+
+    def __init__(self, backbone: Backbone, side: SideNetwork) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.side = side
+
+    def forward(self, pixel_values: torch.Tensor, side_pixel_values: torch.Tensor) -> torch.Tensor:
+        key_states, value_states = self.backbone(pixel_values)
+        return self.side(side_pixel_values, key_states, value_states)
