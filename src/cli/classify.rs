@@ -1,0 +1,83 @@
+//! `fptserve classify FILE --task T`: one-shot classification without a server, through
+//! the same engine the daemon uses.
+
+use std::sync::Arc;
+
+use anyhow::Context;
+
+use crate::config::ClassifyArgs;
+use crate::decode::Limits;
+use crate::engine::{Engine, Outcome, Payload, Request};
+use crate::registry::Registry;
+
+/// True when the bytes look like a DICOM Part 10 file.
+pub fn is_dicom(bytes: &[u8]) -> bool {
+    (bytes.len() >= 132 && &bytes[128..132] == b"DICM") || bytes.starts_with(b"DICM")
+}
+
+/// Runs the command and prints the result.
+pub fn run(args: ClassifyArgs) -> anyhow::Result<()> {
+    let bytes =
+        std::fs::read(&args.file).with_context(|| format!("reading {}", args.file.display()))?;
+    let config = args.models.resolve()?;
+    let (_runtime, loaded) = super::load_models(&config)?;
+    for failure in &loaded.failures {
+        eprintln!("skipped {}: {}", failure.path.display(), failure.error);
+    }
+    let engine = Engine::new(Arc::new(Registry::new(loaded.snapshot)), Limits::default());
+    let payload = if is_dicom(&bytes) {
+        Payload::Dicom(bytes)
+    } else {
+        Payload::Image(bytes)
+    };
+    let outcome = engine.classify(Request {
+        payload,
+        tasks: args.tasks,
+        frame: args.frame,
+    })?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&outcome)?);
+    } else {
+        print!("{}", table(&outcome));
+    }
+    Ok(())
+}
+
+/// A human-readable rendering of an outcome.
+pub fn table(outcome: &Outcome) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let i = &outcome.input;
+    let _ = writeln!(
+        out,
+        "input: {} {}x{} {} (frame {} of {})",
+        i.format, i.width, i.height, i.color, i.frame, i.frames
+    );
+    for r in &outcome.results {
+        let _ = writeln!(
+            out,
+            "\n{}@{} -> {}   (backbone {}, pass {})",
+            r.task, r.adapter_version, r.label, r.backbone, r.backbone_run
+        );
+        for s in &r.scores {
+            let bar = "#".repeat((s.probability * 40.0).round() as usize);
+            let _ = writeln!(
+                out,
+                "  {:<20} {:>8.4}  logit {:>8.4}  {bar}",
+                s.name, s.probability, s.logit
+            );
+        }
+    }
+    let t = &outcome.timings;
+    let _ = writeln!(
+        out,
+        "\nbackbone runs: {}  time: decode {:.1} ms, preprocess {:.1} ms, backbone {:.1} ms, adapters {:.1} ms, total {:.1} ms",
+        outcome.backbone_runs,
+        t.decode_ms,
+        t.preprocess_ms,
+        t.backbone_ms,
+        t.adapters_ms,
+        t.total_ms
+    );
+    out
+}

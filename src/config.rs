@@ -1,0 +1,283 @@
+//! Command line, config file and environment, merged into validated settings before any
+//! port is bound. Precedence: command line > FPTSERVE_* environment > TOML file > default.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use clap::{Args, Parser, Subcommand};
+use serde::Deserialize;
+
+use crate::decode::Limits;
+use crate::runtime::{Device, Threads};
+use crate::server::GrpcSettings;
+
+/// fptserve: serve FPT+ medical image classifiers over gRPC.
+#[derive(Parser, Debug)]
+#[command(name = "fptserve", version, about)]
+pub struct Cli {
+    /// The action.
+    #[command(subcommand)]
+    pub command: Command,
+    /// Log format: human or json.
+    #[arg(
+        long,
+        global = true,
+        env = "FPTSERVE_LOG_FORMAT",
+        default_value = "human"
+    )]
+    pub log_format: String,
+}
+
+/// Subcommands.
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the gRPC daemon.
+    Serve(ServeArgs),
+    /// Classify one file without a server and print the result.
+    Classify(ClassifyArgs),
+    /// Print a model's manifest and check it (digest, graph interface, backbone match).
+    Inspect(InspectArgs),
+}
+
+/// Where models come from and where they run.
+#[derive(Args, Debug, Default)]
+pub struct ModelArgs {
+    /// Model repository folder [default: models/demo].
+    #[arg(long, env = "FPTSERVE_REPOSITORY")]
+    pub repository: Option<PathBuf>,
+    /// cpu, cuda or cuda:N [default: cpu]. Falls back to cpu, with a warning, when CUDA cannot start.
+    #[arg(long, env = "FPTSERVE_DEVICE")]
+    pub device: Option<String>,
+    /// Path of libonnxruntime.so [default: found automatically].
+    #[arg(long, env = "FPTSERVE_ONNXRUNTIME_LIB")]
+    pub onnxruntime_lib: Option<PathBuf>,
+    /// ONNX Runtime threads inside one operator [default: 0 = one per core].
+    #[arg(long, env = "FPTSERVE_INTRA_OP_THREADS")]
+    pub intra_op_threads: Option<usize>,
+    /// ONNX Runtime threads across operators [default: 0 = runtime default].
+    #[arg(long, env = "FPTSERVE_INTER_OP_THREADS")]
+    pub inter_op_threads: Option<usize>,
+}
+
+/// `fptserve serve`.
+#[derive(Args, Debug, Default)]
+pub struct ServeArgs {
+    /// TOML file with any of the settings below (keys in snake_case).
+    #[arg(long, env = "FPTSERVE_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Models.
+    #[command(flatten)]
+    pub models: ModelArgs,
+    /// gRPC listen address [default: 127.0.0.1:50051].
+    #[arg(long, env = "FPTSERVE_GRPC_LISTEN")]
+    pub grpc_listen: Option<String>,
+    /// Prometheus /metrics listen address, or "off" [default: 127.0.0.1:9464].
+    #[arg(long, env = "FPTSERVE_METRICS_LISTEN")]
+    pub metrics_listen: Option<String>,
+    /// Largest gRPC message in bytes [default: 268435456 = 256 MiB].
+    #[arg(long, env = "FPTSERVE_MAX_MESSAGE_BYTES")]
+    pub max_message_bytes: Option<usize>,
+    /// Classifications running at once; more get RESOURCE_EXHAUSTED [default: 16].
+    #[arg(long, env = "FPTSERVE_MAX_IN_FLIGHT")]
+    pub max_in_flight: Option<usize>,
+    /// Largest frame in pixels (rows x columns) [default: 268435456].
+    #[arg(long, env = "FPTSERVE_MAX_PIXELS")]
+    pub max_pixels: Option<u64>,
+    /// Most frames in a multi-frame DICOM [default: 4096].
+    #[arg(long, env = "FPTSERVE_MAX_FRAMES")]
+    pub max_frames: Option<u32>,
+}
+
+/// `fptserve classify`.
+#[derive(Args, Debug)]
+pub struct ClassifyArgs {
+    /// A DICOM, PNG, JPEG or TIFF file.
+    pub file: PathBuf,
+    /// Task, or task@version; repeat for several.
+    #[arg(long = "task", required = true)]
+    pub tasks: Vec<String>,
+    /// Frame of a multi-frame DICOM (0-based).
+    #[arg(long, default_value_t = 0)]
+    pub frame: u32,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    /// Models.
+    #[command(flatten)]
+    pub models: ModelArgs,
+}
+
+/// `fptserve inspect`.
+#[derive(Args, Debug)]
+pub struct InspectArgs {
+    /// A backbone or adapter folder (holding manifest.json), or the manifest itself.
+    pub path: PathBuf,
+    /// Path of libonnxruntime.so [default: found automatically].
+    #[arg(long, env = "FPTSERVE_ONNXRUNTIME_LIB")]
+    pub onnxruntime_lib: Option<PathBuf>,
+}
+
+/// The TOML config file: the same settings as the `serve` flags.
+#[derive(Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    repository: Option<PathBuf>,
+    device: Option<String>,
+    onnxruntime_lib: Option<PathBuf>,
+    intra_op_threads: Option<usize>,
+    inter_op_threads: Option<usize>,
+    grpc_listen: Option<String>,
+    metrics_listen: Option<String>,
+    max_message_bytes: Option<usize>,
+    max_in_flight: Option<usize>,
+    max_pixels: Option<u64>,
+    max_frames: Option<u32>,
+}
+
+/// Settings shared by `serve` and `classify`.
+#[derive(Debug, Clone)]
+pub struct ModelConfig {
+    /// Repository folder.
+    pub repository: PathBuf,
+    /// Requested device.
+    pub device: Device,
+    /// Explicit library path.
+    pub onnxruntime_lib: Option<PathBuf>,
+    /// ONNX Runtime threads.
+    pub threads: Threads,
+}
+
+/// Validated `serve` settings.
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    /// Models.
+    pub models: ModelConfig,
+    /// gRPC address.
+    pub grpc_listen: SocketAddr,
+    /// Metrics address, if enabled.
+    pub metrics_listen: Option<SocketAddr>,
+    /// gRPC settings.
+    pub grpc: GrpcSettings,
+    /// Decode limits.
+    pub limits: Limits,
+}
+
+/// A setting that does not validate.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(String);
+
+/// The demo repository: `models/demo` under the working directory, else under the source
+/// tree this binary was built from.
+pub fn default_repository() -> PathBuf {
+    let local = PathBuf::from("models/demo");
+    if local.is_dir() {
+        local
+    } else {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("models/demo")
+    }
+}
+
+impl ModelArgs {
+    fn merge(self, file: &mut FileConfig) -> Result<ModelConfig, ConfigError> {
+        let device = self
+            .device
+            .or(file.device.take())
+            .unwrap_or_else(|| "cpu".into());
+        Ok(ModelConfig {
+            repository: self
+                .repository
+                .or(file.repository.take())
+                .unwrap_or_else(default_repository),
+            device: device.parse().map_err(ConfigError)?,
+            onnxruntime_lib: self.onnxruntime_lib.or(file.onnxruntime_lib.take()),
+            threads: Threads {
+                intra_op: self.intra_op_threads.or(file.intra_op_threads).unwrap_or(0),
+                inter_op: self.inter_op_threads.or(file.inter_op_threads).unwrap_or(0),
+            },
+        })
+    }
+
+    /// Settings for one-shot commands (no config file).
+    pub fn resolve(self) -> Result<ModelConfig, ConfigError> {
+        self.merge(&mut FileConfig::default())
+    }
+}
+
+fn address(field: &str, value: &str) -> Result<SocketAddr, ConfigError> {
+    value.parse().map_err(|e| {
+        ConfigError(format!(
+            "{field} {value:?} is not an address like 127.0.0.1:50051: {e}"
+        ))
+    })
+}
+
+impl ServeArgs {
+    /// Merges flags, environment and config file into validated settings.
+    pub fn resolve(self) -> Result<ServeConfig, ConfigError> {
+        let mut file = match &self.config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .map_err(|e| ConfigError(format!("cannot read {}: {e}", path.display())))?;
+                toml::from_str(&text)
+                    .map_err(|e| ConfigError(format!("{}: {e}", path.display())))?
+            }
+            None => FileConfig::default(),
+        };
+        let models = self.models.merge(&mut file)?;
+        let grpc_listen = address(
+            "grpc_listen",
+            &self
+                .grpc_listen
+                .or(file.grpc_listen)
+                .unwrap_or_else(|| "127.0.0.1:50051".into()),
+        )?;
+        let metrics = self
+            .metrics_listen
+            .or(file.metrics_listen)
+            .unwrap_or_else(|| "127.0.0.1:9464".into());
+        let metrics_listen = match metrics.as_str() {
+            "off" | "" => None,
+            a => Some(address("metrics_listen", a)?),
+        };
+        let defaults = GrpcSettings::default();
+        let limits_default = Limits::default();
+        let grpc = GrpcSettings {
+            max_message_bytes: self
+                .max_message_bytes
+                .or(file.max_message_bytes)
+                .unwrap_or(defaults.max_message_bytes),
+            max_in_flight: self
+                .max_in_flight
+                .or(file.max_in_flight)
+                .unwrap_or(defaults.max_in_flight),
+        };
+        if grpc.max_message_bytes < 1024 {
+            return Err(ConfigError(format!(
+                "max_message_bytes {} is too small to carry an image",
+                grpc.max_message_bytes
+            )));
+        }
+        if grpc.max_in_flight == 0 {
+            return Err(ConfigError("max_in_flight must be at least 1".into()));
+        }
+        let limits = Limits {
+            max_pixels: self
+                .max_pixels
+                .or(file.max_pixels)
+                .unwrap_or(limits_default.max_pixels),
+            max_frames: self
+                .max_frames
+                .or(file.max_frames)
+                .unwrap_or(limits_default.max_frames),
+            max_frame_bytes: limits_default.max_frame_bytes,
+        };
+        Ok(ServeConfig {
+            models,
+            grpc_listen,
+            metrics_listen,
+            grpc,
+            limits,
+        })
+    }
+}

@@ -1,0 +1,197 @@
+//! `fptserve.v1.Classifier`: admission, request ids, and moving the blocking request
+//! path off the async executor.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use tokio::sync::Semaphore;
+use tonic::{Request, Response, Status};
+use tracing::Instrument;
+
+use crate::engine::{self, ClassifyError, Engine, Outcome, Payload};
+use crate::metrics;
+use crate::proto::v1 as pb;
+use crate::proto::v1::classifier_server::Classifier;
+
+/// The Classifier service.
+pub struct ClassifierService {
+    engine: Arc<Engine>,
+    in_flight: Arc<Semaphore>,
+    max_in_flight: usize,
+}
+
+impl ClassifierService {
+    /// Serves `engine`, running at most `max_in_flight` classifications at once; more are
+    /// refused at once with RESOURCE_EXHAUSTED rather than queued without bound.
+    pub fn new(engine: Arc<Engine>, max_in_flight: usize) -> Self {
+        ClassifierService {
+            engine,
+            in_flight: Arc::new(Semaphore::new(max_in_flight)),
+            max_in_flight,
+        }
+    }
+}
+
+fn new_request_id() -> String {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    format!("{:x}-{:x}", nanos, COUNTER.fetch_add(1, Ordering::Relaxed))
+}
+
+fn to_proto(outcome: Outcome, request_id: String) -> pb::ClassifyResponse {
+    pb::ClassifyResponse {
+        results: outcome
+            .results
+            .into_iter()
+            .map(|r| pb::TaskResult {
+                task: r.task,
+                adapter_version: r.adapter_version,
+                scores: r
+                    .scores
+                    .into_iter()
+                    .map(|s| pb::ClassScore {
+                        name: s.name,
+                        probability: s.probability,
+                        logit: s.logit,
+                    })
+                    .collect(),
+                label: r.label,
+                backbone: r.backbone,
+                backbone_run: r.backbone_run,
+            })
+            .collect(),
+        dicom: outcome.dicom.map(|d| pb::DicomIdentifiers {
+            study_instance_uid: d.study_instance_uid,
+            series_instance_uid: d.series_instance_uid,
+            sop_instance_uid: d.sop_instance_uid,
+            sop_class_uid: d.sop_class_uid,
+            transfer_syntax_uid: d.transfer_syntax_uid,
+        }),
+        timings: Some(pb::StageTimings {
+            decode_ms: outcome.timings.decode_ms,
+            preprocess_ms: outcome.timings.preprocess_ms,
+            backbone_ms: outcome.timings.backbone_ms,
+            adapters_ms: outcome.timings.adapters_ms,
+            total_ms: outcome.timings.total_ms,
+        }),
+        backbone_features_reused: outcome.backbone_features_reused,
+        backbone_runs: outcome.backbone_runs,
+        request_id,
+        input: Some(pb::InputInfo {
+            width: outcome.input.width,
+            height: outcome.input.height,
+            frames: outcome.input.frames,
+            frame: outcome.input.frame,
+            format: outcome.input.format,
+            color: outcome.input.color,
+        }),
+    }
+}
+
+#[tonic::async_trait]
+impl Classifier for ClassifierService {
+    async fn classify(
+        &self,
+        request: Request<pb::ClassifyRequest>,
+    ) -> Result<Response<pb::ClassifyResponse>, Status> {
+        let request = request.into_inner();
+        let request_id = if request.request_id.is_empty() {
+            new_request_id()
+        } else {
+            // Bounded, printable: it goes into every log line of the call.
+            request
+                .request_id
+                .chars()
+                .filter(|c| c.is_ascii_graphic())
+                .take(128)
+                .collect()
+        };
+        let span = tracing::info_span!("classify", request_id = %request_id);
+        let result = async {
+            let permit = self.in_flight.clone().try_acquire_owned().map_err(|_| {
+                Status::resource_exhausted(format!(
+                    "server busy: {} classifications in flight; retry with backoff",
+                    self.max_in_flight
+                ))
+            })?;
+            let payload = match request.input {
+                Some(pb::classify_request::Input::Dicom(b)) => Payload::Dicom(b),
+                Some(pb::classify_request::Input::Image(b)) => Payload::Image(b),
+                None => return Err(ClassifyError::NoInput.into()),
+            };
+            let engine_request = engine::Request {
+                payload,
+                tasks: request.tasks,
+                frame: request.frame,
+            };
+            let engine = self.engine.clone();
+            let outcome = tokio::task::spawn_blocking(move || {
+                let _permit = permit;
+                engine.classify(engine_request)
+            })
+            .await
+            .map_err(|e| Status::internal(format!("classification task failed: {e}")))??;
+            tracing::info!(
+                tasks = outcome.results.len(),
+                backbone_runs = outcome.backbone_runs,
+                total_ms = outcome.timings.total_ms,
+                "classified"
+            );
+            Ok::<_, Status>(outcome)
+        }
+        .instrument(span.clone())
+        .await;
+        match result {
+            Ok(outcome) => {
+                metrics::request("Classify", tonic::Code::Ok);
+                Ok(Response::new(to_proto(outcome, request_id)))
+            }
+            Err(status) => {
+                span.in_scope(|| tracing::warn!(code = ?status.code(), message = status.message(), "classify failed"));
+                metrics::request("Classify", status.code());
+                Err(status)
+            }
+        }
+    }
+
+    async fn list_tasks(
+        &self,
+        _request: Request<pb::ListTasksRequest>,
+    ) -> Result<Response<pb::ListTasksResponse>, Status> {
+        let snapshot = self.engine.registry().snapshot();
+        let tasks = snapshot
+            .tasks()
+            .iter()
+            .map(|(name, task)| pb::TaskInfo {
+                name: name.clone(),
+                default_version: task.default_version().version().to_string(),
+                versions: task
+                    .versions()
+                    .iter()
+                    .map(|a| {
+                        let m = a.manifest();
+                        let p = &m.preprocessing;
+                        pb::AdapterInfo {
+                            version: m.version.clone(),
+                            classes: m.classes.clone(),
+                            backbone: m.backbone.name.clone(),
+                            sha256: m.sha256.clone(),
+                            preprocessing: Some(pb::Preprocessing {
+                                backbone_size: p.backbone_size.to_vec(),
+                                side_size: p.side_size.to_vec(),
+                                mean: p.mean.to_vec(),
+                                std: p.std.to_vec(),
+                                resize: p.resize.clone(),
+                            }),
+                        }
+                    })
+                    .collect(),
+            })
+            .collect();
+        metrics::request("ListTasks", tonic::Code::Ok);
+        Ok(Response::new(pb::ListTasksResponse { tasks }))
+    }
+}

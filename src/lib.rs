@@ -1,0 +1,32 @@
+//! fptserve: a gRPC inference daemon for FPT+ medical image classifiers.
+//!
+//! The request path, one module per stage:
+//! [`decode`] (DICOM / PNG / JPEG / TIFF -> display pixels) -> [`preprocess`] (PIL-exact
+//! resize, normalisation) -> [`model::backbone`] (shared frozen ViT, K/V of the selected
+//! tokens) -> [`model::adapter`] (per-task side network) -> [`engine`] (response).
+//! [`registry`] holds the loaded models as an immutable snapshot, [`repository`] reads a
+//! model repository from disk, [`grpc`] is the network surface and [`server`] wires it up.
+
+pub mod cli;
+pub mod config;
+pub mod decode;
+pub mod engine;
+pub mod grpc;
+pub mod metrics;
+pub mod model;
+pub mod preprocess;
+pub mod registry;
+pub mod repository;
+pub mod runtime;
+pub mod server;
+
+/// Generated protocol types and gRPC stubs (compiled from proto/ by build.rs).
+pub mod proto {
+    /// `fptserve.v1`: the classification API.
+    pub mod v1 {
+        tonic::include_proto!("fptserve.v1");
+    }
+    /// Encoded file descriptor set, served by gRPC reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] =
+        tonic::include_file_descriptor_set!("fptserve_descriptor");
+}

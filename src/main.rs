@@ -1,0 +1,35 @@
+//! The `fptserve` binary: parse the command line, set up logging, run a subcommand.
+
+use clap::Parser;
+use fptserve::cli;
+use fptserve::config::{Cli, Command};
+use tracing_subscriber::EnvFilter;
+
+fn init_logging(format: &str) -> anyhow::Result<()> {
+    let filter = EnvFilter::try_from_env("FPTSERVE_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        "human" => builder.init(),
+        "json" => builder.json().flatten_event(true).init(),
+        other => anyhow::bail!("log format {other:?}: use human or json"),
+    }
+    Ok(())
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    init_logging(&cli.log_format)?;
+    match cli.command {
+        Command::Serve(args) => {
+            let config = args.resolve()?;
+            tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?
+                .block_on(cli::serve::run(config))
+        }
+        Command::Classify(args) => cli::classify::run(args),
+        Command::Inspect(args) => cli::inspect::run(args),
+    }
+}

@@ -1,0 +1,90 @@
+//! Wiring: the gRPC server with its services, started on a listener the caller bound, so
+//! tests run the real server on port 0.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+
+use crate::engine::Engine;
+use crate::grpc::classifier::ClassifierService;
+use crate::proto;
+use crate::proto::v1::classifier_server::ClassifierServer;
+
+/// Settings of the gRPC surface.
+#[derive(Clone, Debug)]
+pub struct GrpcSettings {
+    /// Largest request or response message, in bytes.
+    pub max_message_bytes: usize,
+    /// Classifications running at once before RESOURCE_EXHAUSTED.
+    pub max_in_flight: usize,
+}
+
+impl Default for GrpcSettings {
+    fn default() -> Self {
+        GrpcSettings {
+            max_message_bytes: 256 << 20,
+            max_in_flight: 16,
+        }
+    }
+}
+
+/// tonic refuses a message over the size limit with OUT_OF_RANGE (before allocating it);
+/// the gRPC specification asks for RESOURCE_EXHAUSTED, which is also what clients retry
+/// on differently. None of our handlers answers OUT_OF_RANGE, so the rewrite is exact.
+fn oversized_is_resource_exhausted<B>(
+    mut response: tonic::codegen::http::Response<B>,
+) -> tonic::codegen::http::Response<B> {
+    let headers = response.headers_mut();
+    if headers.get("grpc-status").is_some_and(|v| v == "11") {
+        headers.insert(
+            "grpc-status",
+            tonic::codegen::http::HeaderValue::from_static("8"),
+        );
+    }
+    response
+}
+
+/// Serves `engine` on `listener` until `shutdown` resolves, then lets calls in flight
+/// finish.
+pub async fn run(
+    engine: Arc<Engine>,
+    settings: GrpcSettings,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), tonic::transport::Error> {
+    let classifier = ClassifierServer::new(ClassifierService::new(
+        engine,
+        settings.max_in_flight.max(1),
+    ))
+    .max_decoding_message_size(settings.max_message_bytes)
+    .max_encoding_message_size(settings.max_message_bytes);
+
+    let (health_reporter, health) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_serving::<ClassifierServer<ClassifierService>>()
+        .await;
+
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .expect("embedded descriptor set is valid");
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()
+        .expect("embedded descriptor set is valid");
+
+    tonic::transport::Server::builder()
+        .layer(tower::util::MapResponseLayer::new(
+            oversized_is_resource_exhausted::<tonic::body::Body>,
+        ))
+        .add_service(health)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(classifier)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .await
+}
