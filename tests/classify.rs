@@ -1,0 +1,348 @@
+//! The Classify API end to end: real server, real ONNX Runtime, the committed demo models,
+//! answers compared with the PyTorch reference numbers the exporter wrote.
+
+mod common;
+
+use common::{Case, TestServer, fixture, reference};
+use fptserve::decode::Limits;
+use fptserve::proto::v1::classify_request::Input;
+use fptserve::proto::v1::{ClassifyRequest, ListTasksRequest};
+use fptserve::server::GrpcSettings;
+use tonic::Code;
+
+fn request(case_input: Input, tasks: &[&str]) -> ClassifyRequest {
+    ClassifyRequest {
+        input: Some(case_input),
+        tasks: tasks.iter().map(|t| t.to_string()).collect(),
+        frame: 0,
+        request_id: String::new(),
+    }
+}
+
+fn input_of(case: &Case) -> Input {
+    let bytes = fixture(&case.input);
+    match case.kind.as_str() {
+        "dicom" => Input::Dicom(bytes),
+        "image" => Input::Image(bytes),
+        other => panic!("unknown kind {other}"),
+    }
+}
+
+#[tokio::test]
+async fn every_reference_case_matches_pytorch() {
+    let server = TestServer::start().await;
+    let mut client = server.client().await;
+    let reference = reference();
+    assert!(reference.cases.len() >= 12, "reference has too few cases");
+    let mut worst = 0f64;
+    for case in &reference.cases {
+        let pinned = format!("{}@{}", case.task, case.version);
+        let response = client
+            .classify(request(input_of(case), &[&pinned]))
+            .await
+            .unwrap_or_else(|s| panic!("{} {pinned}: {s}", case.input))
+            .into_inner();
+        let result = &response.results[0];
+        assert_eq!(result.task, case.task);
+        assert_eq!(result.adapter_version, case.version);
+        let names: Vec<&str> = result.scores.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(names, case.classes, "{} {pinned}: class order", case.input);
+        for (score, (&p, &l)) in result
+            .scores
+            .iter()
+            .zip(case.probabilities.iter().zip(&case.logits))
+        {
+            let dp = (f64::from(score.probability) - p).abs();
+            worst = worst.max(dp);
+            assert!(
+                dp <= reference.tolerance,
+                "{} {pinned} {}: probability {} vs PyTorch {p}",
+                case.input,
+                score.name,
+                score.probability
+            );
+            assert!(
+                (f64::from(score.logit) - l).abs() <= 1e-3,
+                "{} {pinned} {}: logit {} vs PyTorch {l}",
+                case.input,
+                score.name,
+                score.logit
+            );
+        }
+        assert_eq!(result.label, case.label, "{} {pinned}", case.input);
+        if case.kind == "dicom" {
+            let ids = response.dicom.as_ref().expect("DICOM identifiers");
+            assert_eq!(
+                Some(&ids.study_instance_uid),
+                case.study_instance_uid.as_ref()
+            );
+            assert_eq!(
+                Some(&ids.series_instance_uid),
+                case.series_instance_uid.as_ref()
+            );
+            assert_eq!(Some(&ids.sop_instance_uid), case.sop_instance_uid.as_ref());
+        } else {
+            assert!(response.dicom.is_none());
+        }
+    }
+    eprintln!("largest probability difference vs PyTorch: {worst:.2e}");
+}
+
+#[tokio::test]
+async fn tasks_with_the_same_preprocessing_share_one_backbone_run() {
+    let server = TestServer::start().await;
+    let mut client = server.client().await;
+    let response = client
+        .classify(request(
+            Input::Image(fixture("images/rgb8.png")),
+            &["dr-grade", "skin-lesion", "chest-xray", "dr-grade@1"],
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    // dr-grade and skin-lesion share mean/std; chest-xray has its own.
+    assert_eq!(response.backbone_runs, 2);
+    assert!(response.backbone_features_reused);
+    let runs: Vec<u32> = response.results.iter().map(|r| r.backbone_run).collect();
+    assert_eq!(runs[0], runs[1]);
+    assert_eq!(runs[0], runs[3]);
+    assert_ne!(runs[0], runs[2]);
+    let tasks: Vec<&str> = response.results.iter().map(|r| r.task.as_str()).collect();
+    assert_eq!(tasks, ["dr-grade", "skin-lesion", "chest-xray", "dr-grade"]);
+
+    // Same answers as one task per call.
+    for result in &response.results {
+        let pinned = format!("{}@{}", result.task, result.adapter_version);
+        let single = client
+            .classify(request(
+                Input::Image(fixture("images/rgb8.png")),
+                &[&pinned],
+            ))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(single.backbone_runs, 1);
+        assert!(!single.backbone_features_reused);
+        let a: Vec<f32> = result.scores.iter().map(|s| s.probability).collect();
+        let b: Vec<f32> = single.results[0]
+            .scores
+            .iter()
+            .map(|s| s.probability)
+            .collect();
+        assert_eq!(a, b, "{pinned}");
+    }
+}
+
+#[tokio::test]
+async fn unpinned_task_gets_the_newest_version_and_list_tasks_shows_all() {
+    let server = TestServer::start().await;
+    let mut client = server.client().await;
+    let response = client
+        .classify(request(
+            Input::Image(fixture("images/grey8.png")),
+            &["dr-grade"],
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(response.results[0].adapter_version, "2");
+    assert!(!response.request_id.is_empty());
+    let timings = response.timings.unwrap();
+    assert!(timings.total_ms >= timings.backbone_ms + timings.adapters_ms);
+    let input = response.input.unwrap();
+    assert_eq!((input.format.as_str(), input.frames), ("png", 1));
+
+    let tasks = client
+        .list_tasks(ListTasksRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .tasks;
+    let names: Vec<&str> = tasks.iter().map(|t| t.name.as_str()).collect();
+    assert_eq!(names, ["chest-xray", "dr-grade", "skin-lesion"]);
+    let dr = &tasks[1];
+    assert_eq!(dr.default_version, "2");
+    let versions: Vec<&str> = dr.versions.iter().map(|v| v.version.as_str()).collect();
+    assert_eq!(versions, ["1", "2"]);
+    assert_eq!(dr.versions[0].classes.len(), 5);
+    assert_eq!(tasks[2].versions[0].classes.len(), 2);
+}
+
+#[tokio::test]
+async fn caller_request_id_is_echoed() {
+    let server = TestServer::start().await;
+    let mut client = server.client().await;
+    let mut req = request(Input::Image(fixture("images/grey8.png")), &["skin-lesion"]);
+    req.request_id = "gateway-42".into();
+    let response = client.classify(req).await.unwrap().into_inner();
+    assert_eq!(response.request_id, "gateway-42");
+}
+
+async fn expect_status(
+    client: &mut fptserve::proto::v1::classifier_client::ClassifierClient<
+        tonic::transport::Channel,
+    >,
+    req: ClassifyRequest,
+    code: Code,
+    needle: &str,
+) {
+    let status = client.classify(req).await.expect_err("the call must fail");
+    assert_eq!(status.code(), code, "message: {}", status.message());
+    assert!(
+        status.message().contains(needle),
+        "{:?} does not mention {needle:?}",
+        status.message()
+    );
+}
+
+#[tokio::test]
+async fn bad_requests_get_clear_statuses_and_the_server_keeps_serving() {
+    let server = TestServer::start().await;
+    let mut c = server.client().await;
+    let png = || Input::Image(fixture("images/grey8.png"));
+    let dicom = fixture("dicom/grey8_explicit_le.dcm");
+
+    expect_status(
+        &mut c,
+        request(png(), &["no-such-task"]),
+        Code::NotFound,
+        "no-such-task",
+    )
+    .await;
+    expect_status(
+        &mut c,
+        request(png(), &["dr-grade@9"]),
+        Code::NotFound,
+        "has no version \"9\"",
+    )
+    .await;
+    expect_status(
+        &mut c,
+        request(png(), &["dr-grade@"]),
+        Code::InvalidArgument,
+        "name@version",
+    )
+    .await;
+    expect_status(
+        &mut c,
+        request(png(), &[]),
+        Code::InvalidArgument,
+        "no tasks",
+    )
+    .await;
+    let mut no_input = request(png(), &["dr-grade"]);
+    no_input.input = None;
+    expect_status(&mut c, no_input, Code::InvalidArgument, "no input").await;
+    let many: Vec<String> = (0..65).map(|_| "dr-grade".to_string()).collect();
+    let many: Vec<&str> = many.iter().map(String::as_str).collect();
+    expect_status(
+        &mut c,
+        request(png(), &many),
+        Code::InvalidArgument,
+        "at most 64",
+    )
+    .await;
+
+    expect_status(
+        &mut c,
+        request(Input::Image(b"not an image".to_vec()), &["dr-grade"]),
+        Code::InvalidArgument,
+        "not PNG, JPEG or TIFF",
+    )
+    .await;
+    let png_bytes = fixture("images/grey8.png");
+    expect_status(
+        &mut c,
+        request(
+            Input::Image(png_bytes[..png_bytes.len() / 2].to_vec()),
+            &["dr-grade"],
+        ),
+        Code::InvalidArgument,
+        "cannot decode png",
+    )
+    .await;
+    expect_status(
+        &mut c,
+        request(Input::Dicom(png_bytes.clone()), &["dr-grade"]),
+        Code::InvalidArgument,
+        "not a DICOM",
+    )
+    .await;
+    expect_status(
+        &mut c,
+        request(Input::Dicom(dicom[..400].to_vec()), &["dr-grade"]),
+        Code::InvalidArgument,
+        "",
+    )
+    .await;
+    expect_status(
+        &mut c,
+        request(
+            Input::Dicom(dicom[..dicom.len() - 1000].to_vec()),
+            &["dr-grade"],
+        ),
+        Code::InvalidArgument,
+        "",
+    )
+    .await;
+    let mut frame = request(Input::Dicom(dicom.clone()), &["dr-grade"]);
+    frame.frame = 3;
+    expect_status(
+        &mut c,
+        frame,
+        Code::InvalidArgument,
+        "frame 3 requested, but the image has 1",
+    )
+    .await;
+    let mut frame = request(png(), &["dr-grade"]);
+    frame.frame = 1;
+    expect_status(&mut c, frame, Code::InvalidArgument, "frame 1").await;
+
+    // Every failure above left the server serving.
+    let ok = c
+        .classify(request(Input::Dicom(dicom), &["dr-grade"]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(ok.results.len(), 1);
+}
+
+#[tokio::test]
+async fn oversized_input_is_resource_exhausted() {
+    let settings = GrpcSettings {
+        max_message_bytes: 256 << 10,
+        ..GrpcSettings::default()
+    };
+    let limits = Limits {
+        max_pixels: 100 * 100,
+        ..Limits::default()
+    };
+    let server = TestServer::start_with(&common::demo_repository(), settings, limits).await;
+    let mut c = server.client().await;
+    // Over the message limit.
+    expect_status(
+        &mut c,
+        request(Input::Image(vec![0u8; 300 << 10]), &["dr-grade"]),
+        Code::ResourceExhausted,
+        "too large",
+    )
+    .await;
+    // Within the message limit, over the pixel limit: refused from the header.
+    expect_status(
+        &mut c,
+        request(Input::Image(fixture("images/grey8.png")), &["dr-grade"]),
+        Code::ResourceExhausted,
+        "over the limit of 10000",
+    )
+    .await;
+    expect_status(
+        &mut c,
+        request(
+            Input::Dicom(fixture("dicom/grey8_explicit_le.dcm")),
+            &["dr-grade"],
+        ),
+        Code::ResourceExhausted,
+        "over the limit of 10000",
+    )
+    .await;
+}

@@ -1,0 +1,160 @@
+//! Shared test set-up: the real server on an ephemeral port over the committed demo
+//! repository, a generated client, and the exporter's reference numbers.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use fptserve::decode::Limits;
+use fptserve::engine::Engine;
+use fptserve::proto::v1::classifier_client::ClassifierClient;
+use fptserve::registry::Registry;
+use fptserve::repository::{self, LoadFailure};
+use fptserve::runtime::{Device, Runtime, Threads};
+use fptserve::server::{self, GrpcSettings};
+use serde::Deserialize;
+use tokio::sync::oneshot;
+use tonic::transport::Channel;
+
+/// The source tree.
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The committed demo repository.
+pub fn demo_repository() -> PathBuf {
+    root().join("models/demo")
+}
+
+/// The committed fixtures folder.
+pub fn fixtures() -> PathBuf {
+    root().join("models/fixtures")
+}
+
+/// Reads a fixture file.
+pub fn fixture(relative: &str) -> Vec<u8> {
+    std::fs::read(fixtures().join(relative)).unwrap_or_else(|e| panic!("{relative}: {e}"))
+}
+
+/// An ONNX Runtime on the CPU with few threads (tests run in parallel).
+pub fn runtime() -> Arc<Runtime> {
+    Arc::new(
+        Runtime::new(
+            None,
+            Device::Cpu,
+            Threads {
+                intra_op: 1,
+                inter_op: 1,
+            },
+        )
+        .expect("ONNX Runtime (run tools/fetch-onnxruntime.sh)"),
+    )
+}
+
+/// A running server; stops when dropped.
+pub struct TestServer {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    /// Models skipped at load.
+    pub failures: Vec<LoadFailure>,
+    shutdown: Option<oneshot::Sender<()>>,
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+impl TestServer {
+    /// Starts the server over `repository` with the given settings.
+    pub async fn start_with(repository: &Path, settings: GrpcSettings, limits: Limits) -> Self {
+        let runtime = runtime();
+        let loaded = repository::load(repository, &runtime).expect("repository loads");
+        let engine = Arc::new(Engine::new(
+            Arc::new(Registry::new(loaded.snapshot)),
+            limits,
+        ));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, rx) = oneshot::channel::<()>();
+        tokio::spawn(async move {
+            server::run(engine, settings, listener, async {
+                let _ = rx.await;
+            })
+            .await
+            .expect("server runs");
+        });
+        TestServer {
+            addr,
+            failures: loaded.failures,
+            shutdown: Some(tx),
+        }
+    }
+
+    /// Starts the server over the demo repository with default settings.
+    pub async fn start() -> Self {
+        Self::start_with(
+            &demo_repository(),
+            GrpcSettings::default(),
+            Limits::default(),
+        )
+        .await
+    }
+
+    /// A connected client.
+    pub async fn client(&self) -> ClassifierClient<Channel> {
+        let channel = Channel::from_shared(format!("http://{}", self.addr))
+            .unwrap()
+            .connect()
+            .await
+            .expect("connects");
+        ClassifierClient::new(channel)
+            .max_decoding_message_size(512 << 20)
+            .max_encoding_message_size(512 << 20)
+    }
+}
+
+/// `models/fixtures/reference.json`, written by the exporter from PyTorch + PIL.
+#[derive(Deserialize)]
+pub struct Reference {
+    /// Allowed absolute difference of probabilities.
+    pub tolerance: f64,
+    /// One per input x task version.
+    pub cases: Vec<Case>,
+}
+
+/// One reference answer.
+#[derive(Deserialize, Clone)]
+pub struct Case {
+    /// Path under models/fixtures.
+    pub input: String,
+    /// `image` or `dicom`.
+    pub kind: String,
+    /// Task name.
+    pub task: String,
+    /// Adapter version.
+    pub version: String,
+    /// Class names.
+    pub classes: Vec<String>,
+    /// PyTorch logits.
+    pub logits: Vec<f64>,
+    /// Softmax of the logits.
+    pub probabilities: Vec<f64>,
+    /// Top class.
+    pub label: String,
+    /// DICOM UIDs, for DICOM inputs.
+    pub study_instance_uid: Option<String>,
+    /// (0020,000E).
+    pub series_instance_uid: Option<String>,
+    /// (0008,0018).
+    pub sop_instance_uid: Option<String>,
+}
+
+/// Loads the reference numbers.
+pub fn reference() -> Reference {
+    serde_json::from_slice(&fixture("reference.json")).expect("reference.json parses")
+}
