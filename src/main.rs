@@ -1,5 +1,7 @@
 //! The `fptserve` binary: parse the command line, set up logging, run a subcommand.
 
+use std::io::IsTerminal;
+
 use clap::Parser;
 use fptserve::cli;
 use fptserve::config::{Cli, Command};
@@ -9,6 +11,7 @@ fn init_logging(format: &str) -> anyhow::Result<()> {
     let filter = EnvFilter::try_from_env("FPTSERVE_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     match format {
         "human" => builder.init(),

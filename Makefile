@@ -1,0 +1,31 @@
+# The two commands a new machine needs (see README.md):
+#   make serve   run the daemon on the demo models (models/demo)
+#   make test    run every test (Rust and Python)
+# Each installs what it needs first, idempotently: ONNX Runtime from its PyPI wheel
+# into .ort/, and (for tests) the Python environment into .venv/.
+
+CARGO ?= cargo
+ARGS ?=
+
+.PHONY: serve test runtime python-env demo-models full-models
+
+serve: runtime
+	$(CARGO) run --release --locked -- serve $(ARGS)
+
+test: runtime python-env
+	$(CARGO) nextest run --locked --no-fail-fast
+	.venv/bin/python -m pytest -q models/tests tests/python
+
+runtime:
+	@tools/fetch-onnxruntime.sh
+
+python-env:
+	@tools/python-env.sh
+
+# Regenerates the committed demo repository and reference fixtures.
+demo-models: python-env
+	.venv/bin/python -m fptserve_models demo
+
+# Writes full-size models (ViT-B/16 at 512, random weights) to models/full for benchmarks.
+full-models: python-env
+	.venv/bin/python -m fptserve_models full --out models/full
