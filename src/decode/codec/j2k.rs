@@ -1,0 +1,261 @@
+//! JPEG 2000 (Part 1) and HTJ2K (Part 15) through OpenJPEG 2.5, which decodes both from
+//! the same API. The codestream's header is read and checked against the DICOM header
+//! before any tile is decoded, so a lying codestream cannot make OpenJPEG allocate for a
+//! bigger image than the header (and the limits) allow.
+
+use std::ffi::{CStr, c_char, c_void};
+use std::sync::Mutex;
+
+use openjpeg_sys as opj;
+
+use super::output::Shape;
+use super::{FrameLayout, RawFrame};
+use crate::decode::DecodeError;
+
+/// OpenJPEG worker threads per frame: tile-component decoding parallelises well, and a
+/// 3000 x 3000 lossy frame takes over a second on one core.
+const MAX_THREADS: usize = 4;
+
+/// The compressed bytes and the read position OpenJPEG's stream callbacks work on.
+struct Reader<'a> {
+    data: &'a [u8],
+    pos: usize,
+}
+
+unsafe extern "C" fn read(buf: *mut c_void, n: usize, user: *mut c_void) -> usize {
+    // SAFETY: `user` is the `Reader` that outlives the stream (see `decode`).
+    let r = unsafe { &mut *user.cast::<Reader<'_>>() };
+    let left = r.data.len() - r.pos;
+    if left == 0 {
+        return usize::MAX; // OpenJPEG's end-of-stream value, (OPJ_SIZE_T)-1.
+    }
+    let n = n.min(left);
+    // SAFETY: OpenJPEG's buffer holds at least the `n` bytes it asked for.
+    unsafe { std::ptr::copy_nonoverlapping(r.data.as_ptr().add(r.pos), buf.cast::<u8>(), n) };
+    r.pos += n;
+    n
+}
+
+unsafe extern "C" fn skip(n: i64, user: *mut c_void) -> i64 {
+    // SAFETY: as in `read`.
+    let r = unsafe { &mut *user.cast::<Reader<'_>>() };
+    let target = (r.pos as i64)
+        .saturating_add(n)
+        .clamp(0, r.data.len() as i64);
+    let moved = target - r.pos as i64;
+    r.pos = target as usize;
+    moved
+}
+
+unsafe extern "C" fn seek(n: i64, user: *mut c_void) -> opj::OPJ_BOOL {
+    // SAFETY: as in `read`.
+    let r = unsafe { &mut *user.cast::<Reader<'_>>() };
+    if n < 0 || n as u64 > r.data.len() as u64 {
+        return 0;
+    }
+    r.pos = n as usize;
+    1
+}
+
+/// Collects OpenJPEG's error messages. Worker threads may report too, hence the mutex.
+unsafe extern "C" fn on_error(msg: *const c_char, user: *mut c_void) {
+    if msg.is_null() || user.is_null() {
+        return;
+    }
+    // SAFETY: `user` is the `Mutex<String>` that outlives the codec; `msg` is a C string.
+    let (log, msg) = unsafe { (&*user.cast::<Mutex<String>>(), CStr::from_ptr(msg)) };
+    if let Ok(mut log) = log.lock()
+        && log.len() < 1024
+    {
+        if !log.is_empty() {
+            log.push_str("; ");
+        }
+        log.push_str(msg.to_string_lossy().trim());
+    }
+}
+
+/// Owns the codec, stream and image, released in the right order on every path.
+struct Session {
+    codec: *mut opj::opj_codec_t,
+    stream: *mut opj::opj_stream_t,
+    image: *mut opj::opj_image_t,
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        // SAFETY: each pointer is null or owned by this session, and freed once.
+        unsafe {
+            if !self.image.is_null() {
+                opj::opj_image_destroy(self.image);
+            }
+            if !self.stream.is_null() {
+                opj::opj_stream_destroy(self.stream);
+            }
+            if !self.codec.is_null() {
+                opj::opj_destroy_codec(self.codec);
+            }
+        }
+    }
+}
+
+/// Decodes one JPEG 2000 or HTJ2K frame.
+pub(super) fn decode(
+    stream: &[u8],
+    layout: &FrameLayout,
+    shape: &Shape,
+) -> Result<RawFrame, DecodeError> {
+    // Some encoders wrap the codestream in a JP2 file, which DICOM forbids but readers accept.
+    let format = if stream.starts_with(&[0, 0, 0, 0x0C, 0x6A, 0x50, 0x20, 0x20]) {
+        opj::CODEC_FORMAT::OPJ_CODEC_JP2
+    } else {
+        opj::CODEC_FORMAT::OPJ_CODEC_J2K
+    };
+    let log = Mutex::new(String::new());
+    let mut reader = Reader {
+        data: stream,
+        pos: 0,
+    };
+    let failed = |what: &str, log: &Mutex<String>| {
+        let detail = log.lock().map(|l| l.clone()).unwrap_or_default();
+        DecodeError::Invalid(if detail.is_empty() {
+            what.to_string()
+        } else {
+            format!("{what}: {detail}")
+        })
+    };
+    let mut s = Session {
+        codec: std::ptr::null_mut(),
+        stream: std::ptr::null_mut(),
+        image: std::ptr::null_mut(),
+    };
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(MAX_THREADS));
+    // SAFETY: every pointer handed to OpenJPEG (reader, log, image out-pointer) lives until
+    // `s` is dropped at the end of this function, after the last OpenJPEG call.
+    unsafe {
+        s.codec = opj::opj_create_decompress(format);
+        s.stream = opj::opj_stream_create(1 << 16, 1);
+        if s.codec.is_null() || s.stream.is_null() {
+            return Err(DecodeError::Invalid(
+                "cannot create a JPEG 2000 decoder".to_string(),
+            ));
+        }
+        let user = (&raw mut reader).cast::<c_void>();
+        opj::opj_stream_set_read_function(s.stream, Some(read));
+        opj::opj_stream_set_skip_function(s.stream, Some(skip));
+        opj::opj_stream_set_seek_function(s.stream, Some(seek));
+        opj::opj_stream_set_user_data(s.stream, user, None);
+        opj::opj_stream_set_user_data_length(s.stream, stream.len() as u64);
+        let log_ptr = (&raw const log).cast_mut().cast::<c_void>();
+        opj::opj_set_error_handler(s.codec, Some(on_error), log_ptr);
+        let mut params = std::mem::zeroed::<opj::opj_dparameters_t>();
+        opj::opj_set_default_decoder_parameters(&mut params);
+        if opj::opj_setup_decoder(s.codec, &mut params) == 0 {
+            return Err(failed("cannot set up the JPEG 2000 decoder", &log));
+        }
+        // OpenJPEG decoders are strict by default: a truncated codestream is an error, not
+        // a blurrier image. opj_decoder_set_strict_mode(1) must not be called to say so: as
+        // a side effect it switches off the check for encoders that write one tile-part
+        // too few in TNsot (GDCM/Kakadu files such as GDCMJ2K_TextGBR.dcm write 5 for 6),
+        // and OpenJPEG then silently drops each tile's last tile-part (its last quality
+        // layer), which turns a lossless file lossy.
+        opj::opj_codec_set_threads(s.codec, threads as i32);
+        if opj::opj_read_header(s.stream, s.codec, &mut s.image) == 0 || s.image.is_null() {
+            return Err(failed("bad JPEG 2000 header", &log));
+        }
+    }
+    // SAFETY: opj_read_header filled a valid image whose comps array has numcomps entries.
+    let image = unsafe { &*s.image };
+    let comps = unsafe { component_slice(image) };
+    let precision = comps.iter().map(|c| c.prec).max().unwrap_or(0);
+    shape.check_codestream(
+        u64::from(image.x1.saturating_sub(image.x0)),
+        u64::from(image.y1.saturating_sub(image.y0)),
+        u64::from(image.numcomps),
+        precision,
+    )?;
+    if let Some(c) = comps.iter().find(|c| c.dx != 1 || c.dy != 1) {
+        return Err(DecodeError::Unsupported(format!(
+            "subsampled JPEG 2000 components ({} x {}) are not supported",
+            c.dx, c.dy
+        )));
+    }
+    // SAFETY: as above; the image pointer stays owned by `s`.
+    unsafe {
+        if opj::opj_decode(s.codec, s.stream, s.image) == 0 {
+            return Err(failed("corrupt or truncated JPEG 2000 data", &log));
+        }
+        opj::opj_end_decompress(s.codec, s.stream);
+    }
+    // SAFETY: decoding does not reallocate the comps array.
+    let comps = unsafe { component_slice(&*s.image) };
+    let n = shape.pixels();
+    let mut out = vec![0u8; shape.frame_bytes()];
+    let (samples, bytes) = (shape.samples, shape.bytes);
+    for (c, comp) in comps.iter().enumerate() {
+        if comp.data.is_null() || comp.w as usize != shape.width || comp.h as usize != shape.height
+        {
+            return Err(DecodeError::Invalid(format!(
+                "JPEG 2000 component {c} decoded to {} x {}, expected {} x {}",
+                comp.w, comp.h, shape.width, shape.height
+            )));
+        }
+        // SAFETY: OpenJPEG allocated w x h samples for this component, checked above.
+        let values = unsafe { std::slice::from_raw_parts(comp.data, n) };
+        for (i, &v) in values.iter().enumerate() {
+            let at = (i * samples + c) * bytes;
+            // Two's complement in the output width: signed components come out negative.
+            out[at..at + bytes].copy_from_slice(&v.to_le_bytes()[..bytes]);
+        }
+    }
+    // The decoder has inverted any multi-component transform (YBR_ICT / YBR_RCT): the
+    // components are now what the encoder was given, i.e. RGB.
+    let photometric = if shape.samples == 3 && uses_mct(stream) {
+        "RGB".to_string()
+    } else {
+        layout.photometric.clone()
+    };
+    Ok(RawFrame {
+        data: out,
+        bits_allocated: shape.bits(),
+        photometric,
+    })
+}
+
+/// The image's components as a slice.
+///
+/// # Safety
+/// `image` must come from OpenJPEG, with `comps` holding `numcomps` entries (or null).
+unsafe fn component_slice(image: &opj::opj_image_t) -> &[opj::opj_image_comp_t] {
+    if image.comps.is_null() {
+        return &[];
+    }
+    // SAFETY: per the function's contract.
+    unsafe { std::slice::from_raw_parts(image.comps, image.numcomps as usize) }
+}
+
+/// Whether the main header's COD marker enables the multiple component transform.
+fn uses_mct(stream: &[u8]) -> bool {
+    // SOC then SIZ: a bare FF4F may occur earlier, in a JP2 header's ICC profile.
+    let Some(start) = stream
+        .windows(4)
+        .position(|w| w == [0xFF, 0x4F, 0xFF, 0x51])
+    else {
+        return false;
+    };
+    let mut i = start + 2;
+    while let Some(&[m0, m1, l0, l1]) = stream
+        .get(i..i + 4)
+        .and_then(|s| <&[u8; 4]>::try_from(s).ok())
+    {
+        let marker = u16::from_be_bytes([m0, m1]);
+        if marker == 0xFF90 || marker == 0xFFD9 {
+            return false; // SOT: the main header ended without a COD.
+        }
+        if marker == 0xFF52 {
+            // Lcod(2) Scod(1) progression(1) layers(2) MCT(1).
+            return stream.get(i + 8) == Some(&1);
+        }
+        i += 2 + usize::from(u16::from_be_bytes([l0, l1]));
+    }
+    false
+}

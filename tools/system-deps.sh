@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Installs the Debian packages fptserve needs beyond a Rust toolchain:
+# - to build: cmake and a C++ compiler (the vendored CharLS and libjpeg-turbo 3 sources of
+#   charls-sys and turbojpeg-sys build with cmake), nasm (libjpeg-turbo's SIMD; without it
+#   the build still works, JPEG decoding is just slower);
+# - for tests/dicom_syntaxes.rs: dcmtk (dcmconv, dcmcjpeg, dcmcrle, dcmcjpls), gdcm's
+#   command-line tools (gdcmconv) and openjph (ojph_compress, for HTJ2K).
+# Fast when they are already there: apt is only touched when a tool is missing.
+set -euo pipefail
+
+# tool -> Debian package that ships it.
+declare -A wanted=(
+  [cmake]=cmake
+  [c++]=g++
+  [nasm]=nasm
+  [dcmconv]=dcmtk
+  [gdcmconv]=libgdcm-tools
+  [ojph_compress]=openjph-tools
+)
+
+missing=()
+for tool in "${!wanted[@]}"; do
+  if ! command -v "$tool" >/dev/null 2>&1; then
+    missing+=("${wanted[$tool]}")
+  fi
+done
+
+if [ "${#missing[@]}" -eq 0 ]; then
+  exit 0
+fi
+
+# Root in CI and on developer machines here; fall back to sudo elsewhere.
+as_root=()
+if [ "$(id -u)" -ne 0 ]; then
+  as_root=(sudo)
+fi
+export DEBIAN_FRONTEND=noninteractive
+"${as_root[@]}" apt-get update -qq
+"${as_root[@]}" apt-get install -y -qq --no-install-recommends "${missing[@]}"
