@@ -37,6 +37,8 @@ pub enum Command {
     Classify(ClassifyArgs),
     /// Print a model's manifest and check it (digest, graph interface, backbone match).
     Inspect(InspectArgs),
+    /// Decode one image frame and write its samples as .npy (for checking against pydicom).
+    Decode(crate::cli::decode::DecodeArgs),
 }
 
 /// Where models come from and where they run.
@@ -279,5 +281,63 @@ impl ServeArgs {
             grpc,
             limits,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_override_the_file_which_overrides_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("fptserve.toml");
+        std::fs::write(
+            &file,
+            "grpc_listen = \"0.0.0.0:6000\"\nmax_in_flight = 3\nmetrics_listen = \"off\"\n",
+        )
+        .unwrap();
+        let args = ServeArgs {
+            config: Some(file.clone()),
+            max_in_flight: Some(7),
+            ..ServeArgs::default()
+        };
+        let config = args.resolve().unwrap();
+        assert_eq!(config.grpc_listen, "0.0.0.0:6000".parse().unwrap());
+        assert_eq!(config.grpc.max_in_flight, 7);
+        assert_eq!(config.metrics_listen, None);
+        assert_eq!(config.grpc.max_message_bytes, 256 << 20);
+        assert_eq!(config.models.device, Device::Cpu);
+
+        std::fs::write(&file, "grpc_listn = \"x\"\n").unwrap();
+        let err = ServeArgs {
+            config: Some(file),
+            ..ServeArgs::default()
+        }
+        .resolve()
+        .unwrap_err();
+        assert!(
+            err.to_string().contains("unknown field `grpc_listn`"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn bad_values_are_refused_before_binding() {
+        let bad = |args: ServeArgs| args.resolve().unwrap_err().to_string();
+        assert!(
+            bad(ServeArgs {
+                grpc_listen: Some("localhost".into()),
+                ..ServeArgs::default()
+            })
+            .contains("not an address")
+        );
+        assert!(
+            bad(ServeArgs {
+                max_in_flight: Some(0),
+                ..ServeArgs::default()
+            })
+            .contains("at least 1")
+        );
     }
 }

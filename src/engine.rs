@@ -38,6 +38,8 @@ pub struct Request {
     pub tasks: Vec<String>,
     /// Frame index for multi-frame DICOM.
     pub frame: u32,
+    /// Replaces the tasks' DICOM pixel policy, where their manifests allow it.
+    pub pixel_policy: Option<DicomPolicy>,
 }
 
 /// Why a request failed; mapped to a gRPC status in `grpc::status`.
@@ -61,6 +63,9 @@ pub enum ClassifyError {
     /// A model failed to run.
     #[error(transparent)]
     Model(#[from] ModelError),
+    /// The request's pixel policy is invalid or not allowed for a task.
+    #[error("{0}")]
+    PixelPolicy(String),
 }
 
 /// One class's score.
@@ -178,6 +183,27 @@ impl Engine {
         &self.registry
     }
 
+    /// The DICOM pixel policy a task runs with: the request's when given and allowed.
+    fn pixel_policy(
+        adapter: &Adapter,
+        requested: Option<&DicomPolicy>,
+    ) -> Result<DicomPolicy, ClassifyError> {
+        let own = &adapter.manifest().preprocessing.dicom;
+        match requested {
+            None => Ok(own.clone()),
+            Some(_) if !own.allow_request_override => Err(ClassifyError::PixelPolicy(format!(
+                "task {}@{} does not allow overriding its DICOM pixel policy",
+                adapter.task(),
+                adapter.version()
+            ))),
+            Some(p) => {
+                p.validate()
+                    .map_err(|e| ClassifyError::PixelPolicy(format!("pixel_policy: {e}")))?;
+                Ok(p.clone())
+            }
+        }
+    }
+
     /// Classifies one image for the requested tasks. Blocking.
     pub fn classify(&self, request: Request) -> Result<Outcome, ClassifyError> {
         let start = Instant::now();
@@ -193,6 +219,10 @@ impl Engine {
             .tasks
             .iter()
             .map(|t| snapshot.resolve(t))
+            .collect::<Result<_, _>>()?;
+        let policies: Vec<DicomPolicy> = adapters
+            .iter()
+            .map(|a| Self::pixel_policy(a, request.pixel_policy.as_ref()))
             .collect::<Result<_, _>>()?;
 
         let mut timings = Timings::default();
@@ -210,15 +240,15 @@ impl Engine {
         let mut results = Vec::with_capacity(adapters.len());
         let mut reused = false;
 
-        for adapter in &adapters {
+        for (adapter, policy) in adapters.iter().zip(&policies) {
             let pre = &adapter.manifest().preprocessing;
             let norm = adapter.normalization();
 
             let t = Instant::now();
-            let image_index = match rendered.iter().position(|(p, _)| *p == pre.dicom) {
+            let image_index = match rendered.iter().position(|(p, _)| p == policy) {
                 Some(i) => i,
                 None => {
-                    rendered.push((pre.dicom.clone(), decoded.render(&pre.dicom)?));
+                    rendered.push((policy.clone(), decoded.render(policy)?));
                     rendered.len() - 1
                 }
             };
@@ -229,7 +259,7 @@ impl Engine {
                 backbone: adapter.backbone().identity().sha256,
                 mean: bits(norm.mean),
                 std: bits(norm.std),
-                policy: pre.dicom.clone(),
+                policy: policy.clone(),
             };
             let run = match passes.iter().position(|(k, _)| *k == key) {
                 Some(i) => {
@@ -255,7 +285,7 @@ impl Engine {
                 size: pre.side_size,
                 mean: bits(norm.mean),
                 std: bits(norm.std),
-                policy: pre.dicom.clone(),
+                policy: policy.clone(),
             };
             let side_index = match side_inputs.iter().position(|(k, _)| *k == side_key) {
                 Some(i) => i,

@@ -21,7 +21,7 @@ fn init_logging(format: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<std::process::ExitCode> {
     let cli = Cli::parse();
     init_logging(&cli.log_format)?;
     match cli.command {
@@ -30,9 +30,11 @@ fn main() -> anyhow::Result<()> {
             tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()?
-                .block_on(cli::serve::run(config))
+                .block_on(cli::serve::run(config))?;
         }
-        Command::Classify(args) => cli::classify::run(args),
-        Command::Inspect(args) => cli::inspect::run(args),
+        Command::Classify(args) => cli::classify::run(args)?,
+        Command::Inspect(args) => cli::inspect::run(args)?,
+        Command::Decode(args) => return cli::decode::run(args),
     }
+    Ok(std::process::ExitCode::SUCCESS)
 }

@@ -14,8 +14,7 @@ fn request(case_input: Input, tasks: &[&str]) -> ClassifyRequest {
     ClassifyRequest {
         input: Some(case_input),
         tasks: tasks.iter().map(|t| t.to_string()).collect(),
-        frame: 0,
-        request_id: String::new(),
+        ..Default::default()
     }
 }
 
@@ -383,4 +382,105 @@ async fn jpeg_and_tiff_inputs_classify() {
         .into_inner();
     assert_eq!(from_jpeg.input.as_ref().unwrap().format, "jpeg");
     assert_eq!(from_jpeg.results[0].scores.len(), 5);
+}
+
+/// A pydicom test file, found through the project's Python environment.
+fn pydicom_file(name: &str) -> std::path::PathBuf {
+    let out = std::process::Command::new(common::root().join(".venv/bin/python"))
+        .args([
+            "-c",
+            &format!("import pydicom.data as d; print(d.get_testdata_file('{name}'))"),
+        ])
+        .output()
+        .expect(".venv/bin/python runs (make test installs it)");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::path::PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
+}
+
+/// A request may replace a task's DICOM pixel policy only where the manifest allows it.
+#[tokio::test]
+async fn request_pixel_policy_applies_only_where_the_manifest_allows_it() {
+    use fptserve::proto::v1::PixelPolicy;
+    let dir = tempfile::tempdir().unwrap();
+    let repo = dir.path().join("repo");
+    let status = std::process::Command::new("cp")
+        .args(["-r"])
+        .arg(common::demo_repository())
+        .arg(&repo)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    // Manifests are not covered by the ONNX digests: allowing the override is an edit.
+    let manifest = repo.join("tasks/chest-xray/1/manifest.json");
+    let mut json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&manifest).unwrap()).unwrap();
+    json["preprocessing"]["dicom"]["allow_request_override"] = serde_json::json!(true);
+    std::fs::write(&manifest, serde_json::to_vec_pretty(&json).unwrap()).unwrap();
+
+    let server = TestServer::start_with(&repo, GrpcSettings::default(), Limits::default()).await;
+    let mut c = server.client().await;
+    // CT_small.dcm: signed 16-bit CT with rescale and no window, so `auto` is min-max.
+    let ct = std::fs::read(pydicom_file("CT_small.dcm")).unwrap();
+    let ask = |policy: Option<PixelPolicy>, task: &str| ClassifyRequest {
+        pixel_policy: policy,
+        ..request(Input::Dicom(ct.clone()), &[task])
+    };
+    let probs = |r: fptserve::proto::v1::ClassifyResponse| -> Vec<f32> {
+        r.results[0].scores.iter().map(|s| s.probability).collect()
+    };
+    let default = probs(
+        c.classify(ask(None, "chest-xray"))
+            .await
+            .unwrap()
+            .into_inner(),
+    );
+    // A soft-tissue window (40/400 HU): other pixels, another answer.
+    let window = PixelPolicy {
+        voi: "window".into(),
+        window_center: Some(40.0),
+        window_width: Some(400.0),
+        voi_function: "linear".into(),
+    };
+    let explicit = probs(
+        c.classify(ask(Some(window.clone()), "chest-xray"))
+            .await
+            .unwrap()
+            .into_inner(),
+    );
+    assert_ne!(default, explicit);
+    // What auto does for this file, asked for explicitly: the same answer.
+    let minmax = PixelPolicy {
+        voi: "minmax".into(),
+        ..Default::default()
+    };
+    let other = probs(
+        c.classify(ask(Some(minmax), "chest-xray"))
+            .await
+            .unwrap()
+            .into_inner(),
+    );
+    assert_eq!(default, other);
+
+    expect_status(
+        &mut c,
+        ask(Some(window), "dr-grade"),
+        Code::InvalidArgument,
+        "does not allow overriding",
+    )
+    .await;
+    let broken = PixelPolicy {
+        voi: "window".into(),
+        ..Default::default()
+    };
+    expect_status(
+        &mut c,
+        ask(Some(broken), "chest-xray"),
+        Code::InvalidArgument,
+        "window_width > 0",
+    )
+    .await;
 }

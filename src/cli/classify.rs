@@ -34,13 +34,19 @@ pub fn run(args: ClassifyArgs) -> anyhow::Result<()> {
         payload,
         tasks: args.tasks,
         frame: args.frame,
+        pixel_policy: None,
     })?;
-    if args.json {
-        println!("{}", serde_json::to_string_pretty(&outcome)?);
+    let text = if args.json {
+        serde_json::to_string_pretty(&outcome)? + "\n"
     } else {
-        print!("{}", table(&outcome));
+        table(&outcome)
+    };
+    // write_all rather than print!: a closed pipe (`| head`) is an error, not a panic.
+    use std::io::Write;
+    match std::io::stdout().lock().write_all(text.as_bytes()) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        other => Ok(other?),
     }
-    Ok(())
 }
 
 /// A human-readable rendering of an outcome.

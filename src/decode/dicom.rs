@@ -1,15 +1,18 @@
-//! DICOM Part 10 input: header checks against the limits, pixel data decoding with
-//! dicom-pixeldata, and extraction of stored values for one frame.
+//! DICOM Part 10 input: parsing, the header's frame layout checked against the limits,
+//! the frame decoded by [`super::codec`], then samples and the attributes of the pixel
+//! pipeline (modality LUT, VOI, palette) gathered for [`super::voi`].
 
 use dicom_dictionary_std::tags;
 use dicom_encoding::TransferSyntaxIndex;
 use dicom_object::file::ReadPreamble;
-use dicom_object::{DefaultDicomObject, OpenFileOptions};
-use dicom_pixeldata::{PhotometricInterpretation, PixelDecoder, PlanarConfiguration};
+use dicom_object::mem::InMemElement;
+use dicom_object::{DefaultDicomObject, InMemDicomObject, OpenFileOptions};
 use dicom_transfer_syntax_registry::TransferSyntaxRegistry;
 
+use super::codec::{self, FrameLayout};
+use super::photometric;
+use super::voi::{FileVoi, Lut, ModalityLut, VoiFunction, Window};
 use super::{DecodeError, Decoded, DicomIdentifiers, InputInfo, Limits, Pixels, check_size};
-use crate::preprocess::RgbImage;
 
 /// One decoded frame.
 #[derive(Debug)]
@@ -18,56 +21,411 @@ pub struct Frame {
     pub width: u32,
     /// Rows.
     pub height: u32,
-    /// Grey values with their LUT parameters, or colour pixels.
+    /// Grey values with their pipeline, or colour.
     pub samples: Samples,
+    /// The photometric interpretation of `samples` (colour spaces already converted).
+    pub photometric: String,
+    /// Bits Stored of the header.
+    pub bits_stored: u16,
+    /// Bits Allocated of the header.
+    pub bits_allocated: u16,
 }
 
 /// The samples of a frame.
 #[derive(Debug)]
 pub enum Samples {
-    /// One sample per pixel: stored values plus what turns them into display values.
+    /// MONOCHROME1/2: stored values plus what turns them into display values.
     Grey(GreyFrame),
-    /// Colour converted to RGB (no VOI applies to colour in DICOM).
-    Rgb(RgbImage),
+    /// Colour, as RGB or palette indices.
+    Colour(ColourFrame),
 }
 
 /// A monochrome frame's stored values and the attributes of its pixel pipeline.
 #[derive(Debug)]
 pub struct GreyFrame {
-    /// Stored values, sign-extended, masked to Bits Stored.
+    /// Stored values, masked to Bits Stored and sign-extended.
     pub stored: Vec<i32>,
     /// Bits Stored.
     pub bits_stored: u16,
     /// Pixel Representation is signed.
     pub signed: bool,
-    /// Rescale slope and intercept (modality LUT).
-    pub rescale: (f64, f64),
-    /// Window centre and width from the file, the first pair if several.
-    pub window: Option<(f64, f64)>,
+    /// Modality LUT.
+    pub modality: ModalityLut,
+    /// The file's VOI.
+    pub voi: FileVoi,
     /// MONOCHROME1: high values are dark; inverted after VOI.
     pub monochrome1: bool,
 }
 
-fn string(obj: &DefaultDicomObject, tag: dicom_core::Tag) -> String {
-    obj.element_opt(tag)
-        .ok()
-        .flatten()
+impl GreyFrame {
+    /// A stored value as a number: 32-bit unsigned samples fill the i32 bit pattern.
+    pub fn value(&self, stored: i32) -> i64 {
+        if !self.signed && self.bits_stored == 32 {
+            i64::from(stored as u32)
+        } else {
+            i64::from(stored)
+        }
+    }
+}
+
+/// A colour frame.
+#[derive(Debug)]
+pub enum ColourFrame {
+    /// Interleaved R, G, B samples (YBR already converted).
+    Rgb {
+        /// `3 * width * height` samples.
+        samples: Vec<i32>,
+        /// Bits Stored.
+        bits_stored: u16,
+    },
+    /// PALETTE COLOR: indices and the three tables.
+    Palette {
+        /// One index per pixel.
+        indices: Vec<i32>,
+        /// Red table.
+        red: Lut,
+        /// Green table.
+        green: Lut,
+        /// Blue table.
+        blue: Lut,
+    },
+}
+
+fn element(obj: &InMemDicomObject, tag: dicom_core::Tag) -> Option<&InMemElement> {
+    obj.element_opt(tag).ok().flatten()
+}
+
+fn string(obj: &InMemDicomObject, tag: dicom_core::Tag) -> String {
+    element(obj, tag)
         .and_then(|e| e.to_str().ok())
-        .map(|s| s.trim_end_matches(['\0', ' ']).to_string())
+        .map(|s| s.trim_matches(['\0', ' ']).to_string())
         .unwrap_or_default()
 }
 
-fn uint(obj: &DefaultDicomObject, tag: dicom_core::Tag) -> Option<u32> {
-    obj.element_opt(tag)
-        .ok()
-        .flatten()
-        .and_then(|e| e.to_int::<u32>().ok())
+/// An unsigned integer attribute: absent is `Ok(None)`; present but not a number is an
+/// error naming it (a wrong frame count must not silently become 1).
+fn uint(
+    obj: &InMemDicomObject,
+    tag: dicom_core::Tag,
+    name: &str,
+) -> Result<Option<u32>, DecodeError> {
+    match element(obj, tag) {
+        None => Ok(None),
+        Some(e) if dicom_core::header::HasLength::is_empty(e) => Ok(None),
+        Some(e) => e.to_int::<u32>().map(Some).map_err(|_| {
+            DecodeError::Invalid(format!(
+                "{name} ({:04X},{:04X}) is not a valid unsigned integer",
+                tag.group(),
+                tag.element()
+            ))
+        }),
+    }
 }
 
-/// Reads the file and decodes frame `frame`.
-pub fn decode(bytes: &[u8], frame: u32, limits: &Limits) -> Result<Decoded, DecodeError> {
-    // Accept files with the 128-byte preamble and without it; both start the meta group
-    // with "DICM".
+fn floats(obj: &InMemDicomObject, tag: dicom_core::Tag) -> Vec<f64> {
+    element(obj, tag)
+        .and_then(|e| e.to_multi_float64().ok())
+        .unwrap_or_default()
+}
+
+/// Reads a LUT from its descriptor and data elements (PS3.3 C.11.1.1.1): entries (0 means
+/// 65536), first mapped value (signed when the descriptor is SS), bits per entry.
+fn lut(
+    item: &InMemDicomObject,
+    descriptor: dicom_core::Tag,
+    data: dicom_core::Tag,
+    name: &str,
+) -> Result<Lut, DecodeError> {
+    let invalid = |what: &str| DecodeError::Invalid(format!("{name}: {what}"));
+    let d = element(item, descriptor)
+        .and_then(|e| e.to_multi_int::<i64>().ok())
+        .filter(|d| d.len() == 3)
+        .ok_or_else(|| invalid("LUT Descriptor must hold 3 numbers"))?;
+    let entries = if d[0] == 0 { 65536 } else { d[0] as usize };
+    // A US first-mapped value above 32767 in a signed image is a negative number stored
+    // unsigned; readers disagree, so accept it as written.
+    let first_mapped = d[1];
+    let bits = u16::try_from(d[2])
+        .ok()
+        .filter(|b| (1..=16).contains(b))
+        .ok_or_else(|| invalid("LUT bits must be 1..=16"))?;
+    let values = element(item, data)
+        .and_then(|e| e.to_multi_int::<u32>().ok())
+        .ok_or_else(|| invalid("LUT Data missing or unreadable"))?;
+    if values.len() < entries {
+        return Err(invalid(&format!(
+            "LUT Data holds {} entries, the descriptor says {entries}",
+            values.len()
+        )));
+    }
+    Ok(Lut {
+        first_mapped,
+        bits,
+        data: values[..entries].to_vec(),
+    })
+}
+
+fn modality_lut(obj: &InMemDicomObject) -> Result<ModalityLut, DecodeError> {
+    if let Some(item) = element(obj, tags::MODALITY_LUT_SEQUENCE)
+        .and_then(|e| e.items())
+        .and_then(|items| items.first())
+    {
+        return Ok(ModalityLut::Table(lut(
+            item,
+            tags::LUT_DESCRIPTOR,
+            tags::LUT_DATA,
+            "Modality LUT Sequence",
+        )?));
+    }
+    let slope = floats(obj, tags::RESCALE_SLOPE)
+        .first()
+        .copied()
+        .unwrap_or(1.0);
+    let intercept = floats(obj, tags::RESCALE_INTERCEPT)
+        .first()
+        .copied()
+        .unwrap_or(0.0);
+    if !slope.is_finite() || !intercept.is_finite() {
+        return Err(DecodeError::Invalid(format!(
+            "Rescale Slope/Intercept must be finite numbers ({slope}, {intercept})"
+        )));
+    }
+    Ok(ModalityLut::Rescale { slope, intercept })
+}
+
+fn file_voi(obj: &InMemDicomObject) -> Result<FileVoi, DecodeError> {
+    let mut luts = Vec::new();
+    if let Some(items) = element(obj, tags::VOILUT_SEQUENCE).and_then(|e| e.items()) {
+        for item in items {
+            luts.push(lut(
+                item,
+                tags::LUT_DESCRIPTOR,
+                tags::LUT_DATA,
+                "VOI LUT Sequence",
+            )?);
+        }
+    }
+    let function_text = string(obj, tags::VOILUT_FUNCTION);
+    let function = VoiFunction::parse(&function_text).ok_or_else(|| {
+        DecodeError::Unsupported(format!(
+            "VOI LUT Function {function_text:?} is not supported"
+        ))
+    })?;
+    let windows = floats(obj, tags::WINDOW_CENTER)
+        .into_iter()
+        .zip(floats(obj, tags::WINDOW_WIDTH))
+        .filter(|(c, w)| c.is_finite() && w.is_finite() && *w > 0.0)
+        .map(|(center, width)| Window {
+            center,
+            width,
+            function,
+        })
+        .collect();
+    Ok(FileVoi { luts, windows })
+}
+
+/// Words a segment occupies (opcode, length, payload), if it fits in `words`.
+fn segment_len(words: &[u32], at: usize) -> Option<usize> {
+    let len = match *words.get(at)? {
+        0 => 2 + *words.get(at + 1)? as usize,
+        1 => 3,
+        2 => 4,
+        _ => return None,
+    };
+    (at + len <= words.len()).then_some(len)
+}
+
+/// Expands `count` segments of Segmented Palette Color LUT Data (PS3.3 C.7.9.2) starting at
+/// word `at` (all of them when `count` is None): discrete (opcode 0), linear from the last
+/// value (1), and indirect (2: copies segments found at a byte offset from the start).
+fn expand_segments(
+    words: &[u32],
+    mut at: usize,
+    count: Option<usize>,
+    out: &mut Vec<u32>,
+    limit: usize,
+    depth: u32,
+) -> Result<(), String> {
+    let mut done = 0;
+    while at < words.len() && count.is_none_or(|c| done < c) {
+        let len = segment_len(words, at).ok_or("a segment is malformed or runs past the data")?;
+        let n = words[at + 1] as usize;
+        match words[at] {
+            0 => out.extend_from_slice(&words[at + 2..at + 2 + n]),
+            1 => {
+                let y0 = f64::from(*out.last().ok_or("a linear segment comes first")?);
+                let y1 = f64::from(words[at + 2]);
+                out.extend((1..=n).map(|i| (y0 + (y1 - y0) * i as f64 / n as f64).round() as u32));
+            }
+            _ => {
+                if depth > 0 {
+                    return Err("an indirect segment points at another indirect segment".into());
+                }
+                let offset = (words[at + 2] | (words[at + 3] << 16)) as usize / 2;
+                expand_segments(words, offset, Some(n), out, limit, depth + 1)?;
+            }
+        }
+        if out.len() > limit {
+            return Err("segments expand past the descriptor's entries".into());
+        }
+        at += len;
+        done += 1;
+    }
+    Ok(())
+}
+
+/// A palette table from Segmented ... LUT Data.
+fn segmented_lut(
+    obj: &InMemDicomObject,
+    descriptor: dicom_core::Tag,
+    data: dicom_core::Tag,
+    name: &str,
+) -> Result<Lut, DecodeError> {
+    let invalid = |what: &str| DecodeError::Invalid(format!("{name}: {what}"));
+    let d = element(obj, descriptor)
+        .and_then(|e| e.to_multi_int::<i64>().ok())
+        .filter(|d| d.len() == 3)
+        .ok_or_else(|| invalid("LUT Descriptor must hold 3 numbers"))?;
+    let entries = if d[0] == 0 { 65536 } else { d[0] as usize };
+    let words = element(obj, data)
+        .and_then(|e| e.to_multi_int::<u32>().ok())
+        .ok_or_else(|| invalid("segmented LUT Data unreadable"))?;
+    let mut out = Vec::with_capacity(entries);
+    expand_segments(&words, 0, None, &mut out, entries, 0).map_err(|e| invalid(&e))?;
+    if out.len() < entries {
+        return Err(invalid(&format!(
+            "segments give {} entries, the descriptor says {entries}",
+            out.len()
+        )));
+    }
+    Ok(Lut {
+        first_mapped: d[1],
+        bits: u16::try_from(d[2])
+            .ok()
+            .filter(|b| (1..=16).contains(b))
+            .ok_or_else(|| invalid("LUT bits must be 1..=16"))?,
+        data: out,
+    })
+}
+
+fn palette(obj: &InMemDicomObject) -> Result<[Lut; 3], DecodeError> {
+    if element(obj, tags::SEGMENTED_RED_PALETTE_COLOR_LOOKUP_TABLE_DATA).is_some() {
+        return Ok([
+            segmented_lut(
+                obj,
+                tags::RED_PALETTE_COLOR_LOOKUP_TABLE_DESCRIPTOR,
+                tags::SEGMENTED_RED_PALETTE_COLOR_LOOKUP_TABLE_DATA,
+                "Segmented Red Palette Color LUT",
+            )?,
+            segmented_lut(
+                obj,
+                tags::GREEN_PALETTE_COLOR_LOOKUP_TABLE_DESCRIPTOR,
+                tags::SEGMENTED_GREEN_PALETTE_COLOR_LOOKUP_TABLE_DATA,
+                "Segmented Green Palette Color LUT",
+            )?,
+            segmented_lut(
+                obj,
+                tags::BLUE_PALETTE_COLOR_LOOKUP_TABLE_DESCRIPTOR,
+                tags::SEGMENTED_BLUE_PALETTE_COLOR_LOOKUP_TABLE_DATA,
+                "Segmented Blue Palette Color LUT",
+            )?,
+        ]);
+    }
+    Ok([
+        lut(
+            obj,
+            tags::RED_PALETTE_COLOR_LOOKUP_TABLE_DESCRIPTOR,
+            tags::RED_PALETTE_COLOR_LOOKUP_TABLE_DATA,
+            "Red Palette Color LUT",
+        )?,
+        lut(
+            obj,
+            tags::GREEN_PALETTE_COLOR_LOOKUP_TABLE_DESCRIPTOR,
+            tags::GREEN_PALETTE_COLOR_LOOKUP_TABLE_DATA,
+            "Green Palette Color LUT",
+        )?,
+        lut(
+            obj,
+            tags::BLUE_PALETTE_COLOR_LOOKUP_TABLE_DESCRIPTOR,
+            tags::BLUE_PALETTE_COLOR_LOOKUP_TABLE_DATA,
+            "Blue Palette Color LUT",
+        )?,
+    ])
+}
+
+/// Saturates a header number into u16 (out-of-range values then fail validation).
+fn small(v: u32) -> u16 {
+    u16::try_from(v).unwrap_or(u16::MAX)
+}
+
+/// The header's description of a frame, validated.
+pub fn layout(obj: &DefaultDicomObject) -> Result<FrameLayout, DecodeError> {
+    let rows = uint(obj, tags::ROWS, "Rows")?.unwrap_or(0);
+    let columns = uint(obj, tags::COLUMNS, "Columns")?.unwrap_or(0);
+    let samples_per_pixel =
+        small(uint(obj, tags::SAMPLES_PER_PIXEL, "Samples per Pixel")?.unwrap_or(1));
+    let bits_allocated = small(uint(obj, tags::BITS_ALLOCATED, "Bits Allocated")?.unwrap_or(0));
+    let bits_stored =
+        small(uint(obj, tags::BITS_STORED, "Bits Stored")?.unwrap_or(u32::from(bits_allocated)));
+    let photometric = string(obj, tags::PHOTOMETRIC_INTERPRETATION);
+    let layout = FrameLayout {
+        rows,
+        columns,
+        samples_per_pixel,
+        bits_allocated,
+        bits_stored,
+        signed: uint(obj, tags::PIXEL_REPRESENTATION, "Pixel Representation")? == Some(1),
+        planar_configuration: small(
+            uint(obj, tags::PLANAR_CONFIGURATION, "Planar Configuration")?.unwrap_or(0),
+        ),
+        frames: uint(obj, tags::NUMBER_OF_FRAMES, "Number of Frames")?
+            .unwrap_or(1)
+            .max(1),
+        photometric,
+    };
+    if !matches!(layout.bits_allocated, 1 | 8 | 16 | 32) {
+        return Err(DecodeError::Unsupported(format!(
+            "Bits Allocated {} is not supported (1, 8, 16 or 32)",
+            layout.bits_allocated
+        )));
+    }
+    if layout.bits_stored == 0 || layout.bits_stored > layout.bits_allocated {
+        return Err(DecodeError::Invalid(format!(
+            "Bits Stored {} must be within 1..={} (Bits Allocated)",
+            layout.bits_stored, layout.bits_allocated
+        )));
+    }
+    if !matches!(layout.samples_per_pixel, 1 | 3) {
+        return Err(DecodeError::Unsupported(format!(
+            "Samples per Pixel {} is not supported (1 or 3)",
+            layout.samples_per_pixel
+        )));
+    }
+    let expected_samples = match layout.photometric.as_str() {
+        "MONOCHROME1" | "MONOCHROME2" | "PALETTE COLOR" => 1,
+        "RGB" | "YBR_FULL" | "YBR_FULL_422" | "YBR_ICT" | "YBR_RCT" | "YBR_PARTIAL_420" => 3,
+        "" => {
+            return Err(DecodeError::Invalid(
+                "Photometric Interpretation (0028,0004) is missing".into(),
+            ));
+        }
+        other => {
+            return Err(DecodeError::Unsupported(format!(
+                "photometric interpretation {other} is not supported"
+            )));
+        }
+    };
+    if layout.samples_per_pixel != expected_samples {
+        return Err(DecodeError::Invalid(format!(
+            "{} needs {expected_samples} sample(s) per pixel, the header says {}",
+            layout.photometric, layout.samples_per_pixel
+        )));
+    }
+    Ok(layout)
+}
+
+/// Parses a DICOM Part 10 file (with or without its 128-byte preamble).
+pub fn parse(bytes: &[u8]) -> Result<DefaultDicomObject, DecodeError> {
     let body = if bytes.len() >= 132 && &bytes[128..132] == b"DICM" {
         &bytes[128..]
     } else if bytes.starts_with(b"DICM") {
@@ -77,11 +435,16 @@ pub fn decode(bytes: &[u8], frame: u32, limits: &Limits) -> Result<Decoded, Deco
             "not a DICOM Part 10 file: no \"DICM\" prefix at byte 0 or 128".into(),
         ));
     };
-    let obj = OpenFileOptions::new()
+    super::scan::check_lengths(body)?;
+    OpenFileOptions::new()
         .read_preamble(ReadPreamble::Never)
         .from_reader(body)
-        .map_err(|e| DecodeError::Invalid(format!("cannot parse DICOM: {e}")))?;
+        .map_err(|e| DecodeError::Invalid(format!("cannot parse DICOM: {e}")))
+}
 
+/// Reads the file and decodes frame `frame`.
+pub fn decode(bytes: &[u8], frame: u32, limits: &Limits) -> Result<Decoded, DecodeError> {
+    let obj = parse(bytes)?;
     let ts_uid = obj
         .meta()
         .transfer_syntax()
@@ -94,198 +457,89 @@ pub fn decode(bytes: &[u8], frame: u32, limits: &Limits) -> Result<Decoded, Deco
         sop_class_uid: string(&obj, tags::SOP_CLASS_UID),
         transfer_syntax_uid: ts_uid.clone(),
     };
-    match TransferSyntaxRegistry.get(&ts_uid) {
-        Some(ts) if ts.can_decode_all() => {}
-        Some(ts) => {
-            return Err(DecodeError::Unsupported(format!(
-                "transfer syntax {ts_uid} ({}) cannot be decoded by this build",
-                ts.name()
-            )));
-        }
-        None => {
-            return Err(DecodeError::Unsupported(format!(
-                "unknown transfer syntax {ts_uid}"
-            )));
-        }
+    if TransferSyntaxRegistry.get(&ts_uid).is_none() {
+        return Err(DecodeError::Unsupported(format!(
+            "unknown transfer syntax {ts_uid}"
+        )));
     }
-    if obj.element_opt(tags::PIXEL_DATA).ok().flatten().is_none() {
+    if element(&obj, tags::PIXEL_DATA).is_none() {
         return Err(DecodeError::Invalid(
             "DICOM file has no Pixel Data (7FE0,0010)".into(),
         ));
     }
 
     // Limits, from the header, before any pixel is decoded.
-    let rows = uint(&obj, tags::ROWS).unwrap_or(0);
-    let cols = uint(&obj, tags::COLUMNS).unwrap_or(0);
-    let samples = uint(&obj, tags::SAMPLES_PER_PIXEL).unwrap_or(1).max(1);
-    let bits = uint(&obj, tags::BITS_ALLOCATED).unwrap_or(8).max(1);
-    let frames = uint(&obj, tags::NUMBER_OF_FRAMES).unwrap_or(1).max(1);
+    let layout = layout(&obj)?;
     check_size(
         limits,
-        u64::from(cols),
-        u64::from(rows),
-        u64::from(samples) * u64::from(bits.div_ceil(8)),
+        u64::from(layout.columns),
+        u64::from(layout.rows),
+        u64::from(layout.samples_per_pixel) * u64::from(layout.bits_allocated.div_ceil(8)),
     )?;
-    if frames > limits.max_frames {
+    if layout.frames > limits.max_frames {
         return Err(DecodeError::TooLarge(format!(
-            "DICOM has {frames} frames, over the limit of {}",
-            limits.max_frames
+            "DICOM has {} frames, over the limit of {}",
+            layout.frames, limits.max_frames
         )));
     }
-    if frame >= frames {
-        return Err(DecodeError::FrameOutOfRange { frame, frames });
+    if frame >= layout.frames {
+        return Err(DecodeError::FrameOutOfRange {
+            frame,
+            frames: layout.frames,
+        });
     }
 
-    let decoded = obj.decode_pixel_data_frame(frame).map_err(|e| {
-        DecodeError::Invalid(format!(
-            "cannot decode pixel data (transfer syntax {ts_uid}): {e}"
-        ))
-    })?;
-    let photometric = decoded.photometric_interpretation().clone();
-    let (width, height) = (decoded.columns(), decoded.rows());
-    let samples = match photometric {
-        PhotometricInterpretation::Monochrome1 | PhotometricInterpretation::Monochrome2 => {
-            Samples::Grey(grey(&decoded, &photometric)?)
+    let raw = codec::decode_frame(&obj, frame, &layout, limits)?;
+    let stored = photometric::stored_values(&raw, &layout)?;
+    let (samples, photometric) = match raw.photometric.as_str() {
+        "MONOCHROME1" | "MONOCHROME2" => (
+            Samples::Grey(GreyFrame {
+                stored,
+                bits_stored: layout.bits_stored,
+                signed: layout.signed,
+                modality: modality_lut(&obj)?,
+                voi: file_voi(&obj)?,
+                monochrome1: raw.photometric == "MONOCHROME1",
+            }),
+            raw.photometric.clone(),
+        ),
+        "PALETTE COLOR" => {
+            let [red, green, blue] = palette(&obj)?;
+            (
+                Samples::Colour(ColourFrame::Palette {
+                    indices: stored,
+                    red,
+                    green,
+                    blue,
+                }),
+                raw.photometric.clone(),
+            )
         }
-        PhotometricInterpretation::Rgb | PhotometricInterpretation::YbrFull => {
-            Samples::Rgb(colour(&decoded, &photometric)?)
-        }
-        other => {
-            return Err(DecodeError::Unsupported(format!(
-                "photometric interpretation {} is not supported yet",
-                other.as_str()
-            )));
-        }
+        other => (
+            Samples::Colour(ColourFrame::Rgb {
+                samples: photometric::to_rgb(stored, other, &layout)?,
+                bits_stored: layout.bits_stored,
+            }),
+            "RGB".to_string(),
+        ),
     };
     Ok(Decoded {
         info: InputInfo {
-            width,
-            height,
-            frames,
+            width: layout.columns,
+            height: layout.rows,
+            frames: layout.frames,
             frame,
             format: "dicom".into(),
-            color: photometric.as_str().to_string(),
+            color: layout.photometric.clone(),
         },
         pixels: Pixels::Dicom(Frame {
-            width,
-            height,
+            width: layout.columns,
+            height: layout.rows,
             samples,
+            photometric,
+            bits_stored: layout.bits_stored,
+            bits_allocated: layout.bits_allocated,
         }),
         dicom: Some(ids),
-    })
-}
-
-fn grey(
-    decoded: &dicom_pixeldata::DecodedPixelData<'_>,
-    photometric: &PhotometricInterpretation,
-) -> Result<GreyFrame, DecodeError> {
-    let bits_allocated = decoded.bits_allocated();
-    let bits_stored = decoded.bits_stored().clamp(1, bits_allocated.max(1));
-    let signed = decoded.pixel_representation() == dicom_pixeldata::PixelRepresentation::Signed;
-    let n = decoded.rows() as usize * decoded.columns() as usize;
-    let data = decoded.data();
-    let bytes_per = usize::from(bits_allocated.div_ceil(8));
-    if !matches!(bits_allocated, 8 | 16 | 32) {
-        return Err(DecodeError::Unsupported(format!(
-            "Bits Allocated {bits_allocated} is not supported yet for monochrome images"
-        )));
-    }
-    if data.len() < n * bytes_per {
-        return Err(DecodeError::Invalid(format!(
-            "pixel data holds {} bytes, but {} x {} x {bits_allocated}-bit needs {}",
-            data.len(),
-            decoded.columns(),
-            decoded.rows(),
-            n * bytes_per
-        )));
-    }
-    let mask: u32 = if bits_stored >= 32 {
-        u32::MAX
-    } else {
-        (1u32 << bits_stored) - 1
-    };
-    let extend = |raw: u32| -> i32 {
-        let v = raw & mask;
-        if signed && bits_stored < 32 && v & (1 << (bits_stored - 1)) != 0 {
-            (v as i64 - (1i64 << bits_stored)) as i32
-        } else {
-            v as i32
-        }
-    };
-    let stored: Vec<i32> = match bits_allocated {
-        8 => data[..n].iter().map(|&b| extend(u32::from(b))).collect(),
-        16 => data[..2 * n]
-            .chunks_exact(2)
-            .map(|c| extend(u32::from(u16::from_le_bytes([c[0], c[1]]))))
-            .collect(),
-        _ => data[..4 * n]
-            .chunks_exact(4)
-            .map(|c| extend(u32::from_le_bytes([c[0], c[1], c[2], c[3]])))
-            .collect(),
-    };
-    let rescale = decoded
-        .rescale()
-        .ok()
-        .and_then(|r| r.first().map(|r| (r.slope, r.intercept)))
-        .unwrap_or((1.0, 0.0));
-    let window = decoded
-        .window()
-        .ok()
-        .flatten()
-        .and_then(|w| w.first().map(|w| (w.center, w.width)));
-    Ok(GreyFrame {
-        stored,
-        bits_stored,
-        signed,
-        rescale,
-        window,
-        monochrome1: *photometric == PhotometricInterpretation::Monochrome1,
-    })
-}
-
-fn colour(
-    decoded: &dicom_pixeldata::DecodedPixelData<'_>,
-    photometric: &PhotometricInterpretation,
-) -> Result<RgbImage, DecodeError> {
-    if decoded.samples_per_pixel() != 3 || decoded.bits_allocated() != 8 {
-        return Err(DecodeError::Unsupported(format!(
-            "{} with {} samples of {} bits is not supported yet",
-            photometric.as_str(),
-            decoded.samples_per_pixel(),
-            decoded.bits_allocated()
-        )));
-    }
-    let (w, h) = (decoded.columns(), decoded.rows());
-    let n = w as usize * h as usize;
-    let data = decoded.data();
-    if data.len() < 3 * n {
-        return Err(DecodeError::Invalid(format!(
-            "pixel data holds {} bytes, but {w} x {h} RGB needs {}",
-            data.len(),
-            3 * n
-        )));
-    }
-    let mut rgb: Vec<u8> = match decoded.planar_configuration() {
-        PlanarConfiguration::Standard => data[..3 * n].to_vec(),
-        PlanarConfiguration::PixelFirst => (0..n)
-            .flat_map(|i| [data[i], data[n + i], data[2 * n + i]])
-            .collect(),
-    };
-    if *photometric == PhotometricInterpretation::YbrFull {
-        for px in rgb.chunks_exact_mut(3) {
-            let [y, cb, cr] = [px[0], px[1], px[2]].map(f64::from);
-            // ITU-R BT.601 full range, as PS3.3 C.7.6.3.1.2 defines YBR_FULL.
-            let r = y + 1.402 * (cr - 128.0);
-            let g = y - 0.344136 * (cb - 128.0) - 0.714136 * (cr - 128.0);
-            let b = y + 1.772 * (cb - 128.0);
-            px[0] = r.round().clamp(0.0, 255.0) as u8;
-            px[1] = g.round().clamp(0.0, 255.0) as u8;
-            px[2] = b.round().clamp(0.0, 255.0) as u8;
-        }
-    }
-    Ok(RgbImage {
-        width: w,
-        height: h,
-        data: rgb,
     })
 }

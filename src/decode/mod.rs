@@ -2,8 +2,11 @@
 //! ([`image`]). DICOM frames keep their modality values until a task's pixel policy
 //! ([`voi`]) turns them into display pixels, because tasks may window differently.
 
+pub mod codec;
 pub mod dicom;
 pub mod image;
+pub mod photometric;
+pub mod scan;
 pub mod voi;
 
 use std::borrow::Cow;

@@ -1,59 +1,209 @@
-//! The DICOM grey pixel pipeline, in the standard's order (PS3.3 C.11): modality LUT
-//! (rescale slope/intercept) -> VOI (window, or a policy fallback) -> MONOCHROME1
-//! inversion -> 8-bit display values.
+//! The grey pixel pipeline, in the standard's order (PS3.3 C.11): modality LUT ->
+//! VOI -> 8-bit -> MONOCHROME1 inversion.
 //!
-//! Policy `auto`: the file's first window when it has one (VOI LUT Function LINEAR);
-//! otherwise 8-bit unsigned data without rescale is used as is (exactly what PIL shows
-//! for such a file); otherwise min-max over the frame's modality values.
+//! 1. Modality LUT: the Modality LUT Sequence's table when present, else
+//!    `stored * RescaleSlope + RescaleIntercept` (1 and 0 when absent), in f64.
+//! 2. VOI, per the task's [`DicomPolicy`]:
+//!    - `auto` (default): the file's first VOI LUT when it has a VOI LUT Sequence; else
+//!      its first window (Window Center/Width) with its VOI LUT Function; else, for
+//!      8-bit-or-less unsigned data with no modality transform, `v * 255 / (2^bits - 1)`
+//!      (8-bit values as they are, which is what PIL shows for such a file; a 1-bit mask
+//!      becomes 0/255); else min-max over the frame.
+//!    - `window`: the manifest's (or request's) centre, width and function.
+//!    - `minmax`: `(v - min) / (max - min)` over the frame.
+//!
+//!    Windows map onto 0..=255: LINEAR per C.11.2.1.2.1, LINEAR_EXACT per C.11.2.1.3.2,
+//!    SIGMOID per C.11.2.1.3.1. A VOI LUT's output is scaled by `255 / (2^bits - 1)`.
+//! 3. `floor(y + 0.5)` clamped to 0..=255.
+//! 4. MONOCHROME1 (high values dark): `255 - y`, after VOI as the standard orders it.
+//!
+//! Colour frames take no VOI: 8-bit samples are used as they are, deeper ones keep their
+//! top 8 stored bits; palette indices go through the palette tables first.
 
 use super::DecodeError;
-use super::dicom::{Frame, GreyFrame, Samples};
+use super::dicom::{ColourFrame, Frame, GreyFrame, Samples};
 use crate::preprocess::RgbImage;
 use crate::repository::manifest::DicomPolicy;
 
-/// Display pixels of a frame under `policy`.
-pub fn render(frame: &Frame, policy: &DicomPolicy) -> Result<RgbImage, DecodeError> {
-    match &frame.samples {
-        Samples::Rgb(rgb) => Ok(rgb.clone()),
-        Samples::Grey(grey) => {
-            let values = display(grey, policy)?;
-            Ok(RgbImage::from_grey(frame.width, frame.height, &values))
+/// A lookup table (modality, VOI or palette): PS3.3 C.11.1.1 descriptor semantics.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Lut {
+    /// Input value mapped to the first entry; inputs below it take the first entry.
+    pub first_mapped: i64,
+    /// Bits per entry (8 or 16).
+    pub bits: u16,
+    /// Entries; inputs past the last take the last.
+    pub data: Vec<u32>,
+}
+
+impl Lut {
+    /// The entry for input `x`.
+    pub fn lookup(&self, x: i64) -> u32 {
+        let last = self.data.len() as i64 - 1;
+        let i = (x - self.first_mapped).clamp(0, last.max(0));
+        self.data.get(i as usize).copied().unwrap_or(0)
+    }
+}
+
+/// VOI LUT Function (0028,1056).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum VoiFunction {
+    /// LINEAR, the default.
+    #[default]
+    Linear,
+    /// LINEAR_EXACT.
+    LinearExact,
+    /// SIGMOID.
+    Sigmoid,
+}
+
+impl VoiFunction {
+    /// Parses the DICOM code string or the manifest's lower-case name.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s.trim().to_ascii_uppercase().as_str() {
+            "" | "LINEAR" => Some(VoiFunction::Linear),
+            "LINEAR_EXACT" => Some(VoiFunction::LinearExact),
+            "SIGMOID" => Some(VoiFunction::Sigmoid),
+            _ => None,
         }
     }
 }
 
-/// Window LINEAR (PS3.3 C.11.2.1.2.1) onto 0..=255, rounded half away from zero.
-fn window_linear(x: f64, center: f64, width: f64) -> f64 {
-    let width = width.max(1.0);
-    let low = center - 0.5 - (width - 1.0) / 2.0;
-    let high = center - 0.5 + (width - 1.0) / 2.0;
-    if x <= low {
-        0.0
-    } else if x > high {
-        255.0
-    } else {
-        ((x - (center - 0.5)) / (width - 1.0) + 0.5) * 255.0
+/// A window: centre, width and function.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Window {
+    /// Window Center.
+    pub center: f64,
+    /// Window Width.
+    pub width: f64,
+    /// VOI LUT Function.
+    pub function: VoiFunction,
+}
+
+impl Window {
+    /// Maps a modality value onto 0..=255 (not yet rounded).
+    pub fn apply(&self, x: f64) -> f64 {
+        let (c, w) = (self.center, self.width);
+        match self.function {
+            VoiFunction::Linear => {
+                let w = w.max(1.0);
+                if x <= c - 0.5 - (w - 1.0) / 2.0 {
+                    0.0
+                } else if x > c - 0.5 + (w - 1.0) / 2.0 {
+                    255.0
+                } else {
+                    ((x - (c - 0.5)) / (w - 1.0) + 0.5) * 255.0
+                }
+            }
+            VoiFunction::LinearExact => {
+                if x <= c - w / 2.0 {
+                    0.0
+                } else if x > c + w / 2.0 {
+                    255.0
+                } else {
+                    ((x - c) / w + 0.5) * 255.0
+                }
+            }
+            VoiFunction::Sigmoid => 255.0 / (1.0 + (-4.0 * (x - c) / w).exp()),
+        }
     }
 }
 
-fn display(grey: &GreyFrame, policy: &DicomPolicy) -> Result<Vec<u8>, DecodeError> {
-    if policy.voi != "auto" {
-        return Err(DecodeError::Unsupported(format!(
-            "DICOM VOI policy {:?} is not supported",
-            policy.voi
-        )));
+/// The modality transform of a frame.
+#[derive(Clone, Debug, PartialEq)]
+pub enum ModalityLut {
+    /// Rescale Slope and Intercept.
+    Rescale {
+        /// (0028,1053).
+        slope: f64,
+        /// (0028,1052).
+        intercept: f64,
+    },
+    /// Modality LUT Sequence (0028,3000).
+    Table(Lut),
+}
+
+impl ModalityLut {
+    /// True when it changes nothing.
+    pub fn is_identity(&self) -> bool {
+        matches!(self, ModalityLut::Rescale { slope, intercept } if *slope == 1.0 && *intercept == 0.0)
     }
-    let (slope, intercept) = grey.rescale;
-    let identity_rescale = slope == 1.0 && intercept == 0.0;
-    let modality = |s: i32| f64::from(s) * slope + intercept;
-    let mut out: Vec<u8> = if let Some((center, width)) = grey.window {
-        grey.stored
+
+    /// The modality value of a stored value.
+    pub fn apply(&self, stored: i64) -> f64 {
+        match self {
+            ModalityLut::Rescale { slope, intercept } => stored as f64 * slope + intercept,
+            ModalityLut::Table(lut) => f64::from(lut.lookup(stored)),
+        }
+    }
+}
+
+/// The VOI a file carries.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct FileVoi {
+    /// VOI LUT Sequence tables.
+    pub luts: Vec<Lut>,
+    /// Window Center/Width pairs with the file's VOI LUT Function.
+    pub windows: Vec<Window>,
+}
+
+fn to_u8(y: f64) -> u8 {
+    (y + 0.5).floor().clamp(0.0, 255.0) as u8
+}
+
+/// Display pixels of a frame under `policy`.
+pub fn render(frame: &Frame, policy: &DicomPolicy) -> Result<RgbImage, DecodeError> {
+    match &frame.samples {
+        Samples::Grey(grey) => {
+            let values = grey_display(grey, policy)?;
+            Ok(RgbImage::from_grey(frame.width, frame.height, &values))
+        }
+        Samples::Colour(colour) => Ok(RgbImage {
+            width: frame.width,
+            height: frame.height,
+            data: colour_display(colour),
+        }),
+    }
+}
+
+fn colour_display(colour: &ColourFrame) -> Vec<u8> {
+    match colour {
+        ColourFrame::Rgb {
+            samples,
+            bits_stored,
+        } => {
+            // Colour samples are unsigned; 32-bit ones fill the i32 bit pattern.
+            let shift = bits_stored.saturating_sub(8);
+            samples
+                .iter()
+                .map(|&v| ((v as u32) >> shift).min(255) as u8)
+                .collect()
+        }
+        ColourFrame::Palette {
+            indices,
+            red,
+            green,
+            blue,
+        } => indices
             .iter()
-            .map(|&s| window_linear(modality(s), center, width).round() as u8)
-            .collect()
-    } else if grey.bits_stored <= 8 && !grey.signed && identity_rescale {
-        grey.stored.iter().map(|&s| s as u8).collect()
-    } else {
+            .flat_map(|&i| {
+                [red, green, blue].map(|lut| {
+                    let v = lut.lookup(i64::from(i));
+                    if lut.bits > 8 {
+                        (v >> 8) as u8
+                    } else {
+                        v.min(255) as u8
+                    }
+                })
+            })
+            .collect(),
+    }
+}
+
+/// Modality -> VOI -> 8 bits -> MONOCHROME1 inversion.
+pub fn grey_display(grey: &GreyFrame, policy: &DicomPolicy) -> Result<Vec<u8>, DecodeError> {
+    let modality = |s: i32| grey.modality.apply(grey.value(s));
+    let minmax = || {
         let (min, max) = grey
             .stored
             .iter()
@@ -66,12 +216,46 @@ fn display(grey: &GreyFrame, policy: &DicomPolicy) -> Result<Vec<u8>, DecodeErro
             .iter()
             .map(|&s| {
                 if range > 0.0 {
-                    ((modality(s) - min) / range * 255.0).round() as u8
+                    to_u8((modality(s) - min) / range * 255.0)
                 } else {
                     0
                 }
             })
+            .collect::<Vec<u8>>()
+    };
+    let window = |w: &Window| -> Vec<u8> {
+        grey.stored
+            .iter()
+            .map(|&s| to_u8(w.apply(modality(s))))
             .collect()
+    };
+    let mut out: Vec<u8> = match policy.voi.as_str() {
+        "auto" => {
+            if let Some(lut) = grey.voi.luts.first() {
+                let scale = 255.0 / ((1u64 << lut.bits.min(32)) - 1) as f64;
+                grey.stored
+                    .iter()
+                    .map(|&s| to_u8(f64::from(lut.lookup(modality(s) as i64)) * scale))
+                    .collect()
+            } else if let Some(w) = grey.voi.windows.first() {
+                window(w)
+            } else if grey.bits_stored <= 8 && !grey.signed && grey.modality.is_identity() {
+                let scale = 255.0 / f64::from((1u32 << grey.bits_stored) - 1);
+                grey.stored
+                    .iter()
+                    .map(|&s| to_u8(f64::from(s) * scale))
+                    .collect()
+            } else {
+                minmax()
+            }
+        }
+        "minmax" => minmax(),
+        "window" => window(&policy.window()?),
+        other => {
+            return Err(DecodeError::Unsupported(format!(
+                "DICOM VOI policy {other:?} is not supported (auto, window or minmax)"
+            )));
+        }
     };
     if grey.monochrome1 {
         for v in &mut out {
@@ -85,13 +269,49 @@ fn display(grey: &GreyFrame, policy: &DicomPolicy) -> Result<Vec<u8>, DecodeErro
 mod tests {
     use super::*;
 
+    fn linear(c: f64, w: f64) -> Window {
+        Window {
+            center: c,
+            width: w,
+            function: VoiFunction::Linear,
+        }
+    }
+
     #[test]
     fn linear_window_matches_the_standard() {
         // c = 2048, w = 4096: x <= -0.5 -> 0, x > 4094.5 -> 255, midpoint -> half.
-        assert_eq!(window_linear(-1.0, 2048.0, 4096.0), 0.0);
-        assert_eq!(window_linear(4095.0, 2048.0, 4096.0), 255.0);
-        let mid = window_linear(2047.5, 2048.0, 4096.0);
+        assert_eq!(linear(2048.0, 4096.0).apply(-1.0), 0.0);
+        assert_eq!(linear(2048.0, 4096.0).apply(4095.0), 255.0);
+        let mid = linear(2048.0, 4096.0).apply(2047.5);
         assert!((mid - 127.5).abs() < 1e-9, "{mid}");
+    }
+
+    #[test]
+    fn linear_exact_and_sigmoid_are_centred() {
+        let exact = Window {
+            function: VoiFunction::LinearExact,
+            ..linear(100.0, 50.0)
+        };
+        assert_eq!(exact.apply(100.0), 127.5);
+        assert_eq!(exact.apply(75.0), 0.0);
+        let sigmoid = Window {
+            function: VoiFunction::Sigmoid,
+            ..linear(100.0, 50.0)
+        };
+        assert_eq!(sigmoid.apply(100.0), 127.5);
+    }
+
+    #[test]
+    fn lut_clamps_outside_its_range() {
+        let lut = Lut {
+            first_mapped: -2,
+            bits: 16,
+            data: vec![10, 20, 30],
+        };
+        assert_eq!(
+            [-5, -2, -1, 0, 9].map(|x| lut.lookup(x)),
+            [10, 10, 20, 30, 30]
+        );
     }
 
     #[test]
@@ -100,12 +320,15 @@ mod tests {
             stored: vec![0, 255],
             bits_stored: 8,
             signed: false,
-            rescale: (1.0, 0.0),
-            window: None,
+            modality: ModalityLut::Rescale {
+                slope: 1.0,
+                intercept: 0.0,
+            },
+            voi: FileVoi::default(),
             monochrome1: true,
         };
         assert_eq!(
-            display(&grey, &DicomPolicy::default()).unwrap(),
+            grey_display(&grey, &DicomPolicy::default()).unwrap(),
             vec![255, 0]
         );
     }

@@ -12,6 +12,7 @@ use crate::engine::{self, ClassifyError, Engine, Outcome, Payload};
 use crate::metrics;
 use crate::proto::v1 as pb;
 use crate::proto::v1::classifier_server::Classifier;
+use crate::repository::manifest::DicomPolicy;
 
 /// The Classifier service.
 pub struct ClassifierService {
@@ -126,6 +127,13 @@ impl Classifier for ClassifierService {
                 payload,
                 tasks: request.tasks,
                 frame: request.frame,
+                pixel_policy: request.pixel_policy.map(|p| DicomPolicy {
+                    voi: p.voi,
+                    window_center: p.window_center,
+                    window_width: p.window_width,
+                    voi_function: (!p.voi_function.is_empty()).then_some(p.voi_function),
+                    allow_request_override: false,
+                }),
             };
             let engine = self.engine.clone();
             let outcome = tokio::task::spawn_blocking(move || {

@@ -11,9 +11,10 @@ use crate::registry::ResolveError;
 impl From<ClassifyError> for Status {
     fn from(e: ClassifyError) -> Self {
         let code = match &e {
-            ClassifyError::NoTasks | ClassifyError::TooManyTasks(_) | ClassifyError::NoInput => {
-                Code::InvalidArgument
-            }
+            ClassifyError::NoTasks
+            | ClassifyError::TooManyTasks(_)
+            | ClassifyError::NoInput
+            | ClassifyError::PixelPolicy(_) => Code::InvalidArgument,
             ClassifyError::Resolve(r) => match r {
                 ResolveError::UnknownTask(_) | ResolveError::UnknownVersion { .. } => {
                     Code::NotFound

@@ -1,0 +1,168 @@
+//! `fptserve decode FILE`: decode one frame the way the daemon does and write its samples
+//! as a NumPy `.npy` file, so independent tools (pydicom in tests/python) can check them.
+
+use std::path::PathBuf;
+
+use clap::Args;
+use serde_json::json;
+
+use crate::decode::dicom::{ColourFrame, Samples};
+use crate::decode::{DecodeError, Limits, Pixels};
+use crate::repository::manifest::DicomPolicy;
+
+/// `fptserve decode`.
+#[derive(Args, Debug)]
+pub struct DecodeArgs {
+    /// A DICOM, PNG, JPEG or TIFF file.
+    pub file: PathBuf,
+    /// Frame (0-based).
+    #[arg(long, default_value_t = 0)]
+    pub frame: u32,
+    /// `stored`: int32 (rows, columns, samples) before any value transform (DICOM only);
+    /// `display`: uint8 (rows, columns, 3) after the pixel policy.
+    #[arg(long, default_value = "stored")]
+    pub output: String,
+    /// Where to write the .npy file.
+    #[arg(long)]
+    pub npy: Option<PathBuf>,
+    /// DICOM VOI policy for `display`: auto, window or minmax.
+    #[arg(long, default_value = "auto")]
+    pub voi: String,
+    /// Window centre for `--voi window`.
+    #[arg(long)]
+    pub window_center: Option<f64>,
+    /// Window width for `--voi window`.
+    #[arg(long)]
+    pub window_width: Option<f64>,
+    /// VOI function for `--voi window`: linear, linear_exact or sigmoid.
+    #[arg(long)]
+    pub voi_function: Option<String>,
+}
+
+/// The gRPC status name a decode error maps to.
+pub fn status_name(e: &DecodeError) -> &'static str {
+    match e {
+        DecodeError::Invalid(_) | DecodeError::FrameOutOfRange { .. } => "INVALID_ARGUMENT",
+        DecodeError::Unsupported(_) => "UNIMPLEMENTED",
+        DecodeError::TooLarge(_) => "RESOURCE_EXHAUSTED",
+    }
+}
+
+/// Encodes a C-order NumPy array (format 1.0).
+pub fn npy(descr: &str, shape: &[usize], data: &[u8]) -> Vec<u8> {
+    let dims: Vec<String> = shape.iter().map(|d| d.to_string()).collect();
+    let shape = if dims.len() == 1 {
+        format!("({},)", dims[0])
+    } else {
+        format!("({})", dims.join(", "))
+    };
+    let mut header = format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': {shape}, }}");
+    // Magic (6) + version (2) + length (2) + header + '\n' must be a multiple of 64.
+    let pad = (64 - (10 + header.len() + 1) % 64) % 64;
+    header.push_str(&" ".repeat(pad));
+    header.push('\n');
+    let mut out = Vec::with_capacity(10 + header.len() + data.len());
+    out.extend_from_slice(b"\x93NUMPY\x01\x00");
+    out.extend_from_slice(&(header.len() as u16).to_le_bytes());
+    out.extend_from_slice(header.as_bytes());
+    out.extend_from_slice(data);
+    out
+}
+
+fn run_inner(args: &DecodeArgs) -> Result<serde_json::Value, DecodeError> {
+    let bytes = std::fs::read(&args.file)
+        .map_err(|e| DecodeError::Invalid(format!("cannot read {}: {e}", args.file.display())))?;
+    let limits = Limits::default();
+    let decoded = if super::classify::is_dicom(&bytes) {
+        crate::decode::dicom::decode(&bytes, args.frame, &limits)?
+    } else {
+        crate::decode::image::decode(&bytes, args.frame, &limits)?
+    };
+    let (rows, columns) = (decoded.info.height as usize, decoded.info.width as usize);
+    let mut info = json!({
+        "ok": true,
+        "rows": rows,
+        "columns": columns,
+        "frames": decoded.info.frames,
+        "frame": decoded.info.frame,
+        "photometric_interpretation": decoded.info.color,
+        "transfer_syntax_uid": decoded.dicom.as_ref().map(|d| d.transfer_syntax_uid.clone()),
+    });
+    let (descr, shape, data, photometric): (&str, Vec<usize>, Vec<u8>, String) =
+        match args.output.as_str() {
+            "stored" => {
+                let Pixels::Dicom(frame) = &decoded.pixels else {
+                    return Err(DecodeError::Invalid(
+                        "--output stored applies to DICOM only".into(),
+                    ));
+                };
+                let (values, samples, bits, signed): (&[i32], usize, u16, bool) =
+                    match &frame.samples {
+                        Samples::Grey(g) => (&g.stored, 1, g.bits_stored, g.signed),
+                        Samples::Colour(ColourFrame::Rgb {
+                            samples,
+                            bits_stored,
+                        }) => (samples, 3, *bits_stored, false),
+                        Samples::Colour(ColourFrame::Palette { indices, .. }) => {
+                            (indices, 1, frame.bits_stored, false)
+                        }
+                    };
+                info["samples_per_pixel"] = json!(samples);
+                info["bits_stored"] = json!(bits);
+                info["bits_allocated"] = json!(frame.bits_allocated);
+                info["signed"] = json!(signed);
+                let data = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+                (
+                    "<i4",
+                    vec![rows, columns, samples],
+                    data,
+                    frame.photometric.clone(),
+                )
+            }
+            "display" => {
+                let policy = DicomPolicy {
+                    voi: args.voi.clone(),
+                    window_center: args.window_center,
+                    window_width: args.window_width,
+                    voi_function: args.voi_function.clone(),
+                    allow_request_override: false,
+                };
+                policy.validate().map_err(DecodeError::Invalid)?;
+                let rgb = decoded.render(&policy)?;
+                (
+                    "|u1",
+                    vec![rows, columns, 3],
+                    rgb.data.clone(),
+                    "RGB".into(),
+                )
+            }
+            other => {
+                return Err(DecodeError::Invalid(format!(
+                    "--output {other:?}: use stored or display"
+                )));
+            }
+        };
+    info["output_photometric"] = json!(photometric);
+    if let Some(path) = &args.npy {
+        std::fs::write(path, npy(descr, &shape, &data))
+            .map_err(|e| DecodeError::Invalid(format!("cannot write {}: {e}", path.display())))?;
+    }
+    Ok(info)
+}
+
+/// Runs the command: prints one JSON object; exit status 1 when decoding failed.
+pub fn run(args: DecodeArgs) -> anyhow::Result<std::process::ExitCode> {
+    match run_inner(&args) {
+        Ok(info) => {
+            println!("{info}");
+            Ok(std::process::ExitCode::SUCCESS)
+        }
+        Err(e) => {
+            println!(
+                "{}",
+                json!({"ok": false, "code": status_name(&e), "message": e.to_string()})
+            );
+            Ok(std::process::ExitCode::from(1))
+        }
+    }
+}
