@@ -1,20 +1,24 @@
 # The two commands a new machine needs (see README.md):
 #   make serve   run the daemon on the demo models (models/demo)
 #   make test    run every test (Rust and Python)
-# Each installs what it needs first, idempotently: ONNX Runtime from its PyPI wheel
-# into .ort/, and (for tests) the Python environment into .venv/.
+# Each installs what it needs first, idempotently: Debian build tools and DICOM test tools
+# (tools/system-deps.sh), ONNX Runtime from its PyPI wheel into .ort/, and (for tests) the
+# Python environment into .venv/.
 
 CARGO ?= cargo
 ARGS ?=
 
-.PHONY: serve test runtime python-env demo-models full-models
+.PHONY: serve test system-deps runtime python-env demo-models full-models dicom-parity
 
-serve: runtime
+serve: system-deps runtime
 	$(CARGO) run --release --locked -- serve $(ARGS)
 
-test: runtime python-env
+test: system-deps runtime python-env
 	$(CARGO) nextest run --locked --no-fail-fast
 	.venv/bin/python -m pytest -q models/tests tests/python
+
+system-deps:
+	@tools/system-deps.sh
 
 runtime:
 	@tools/fetch-onnxruntime.sh
@@ -29,3 +33,9 @@ demo-models: python-env
 # Writes full-size models (ViT-B/16 at 512, random weights) to models/full for benchmarks.
 full-models: python-env
 	.venv/bin/python -m fptserve_models full --out models/full
+
+# Decodes every DICOM file pydicom and pydicom-data ship, with fptserve and with pydicom,
+# and writes the comparison to tests/python/DICOM_PARITY.md.
+dicom-parity: system-deps runtime python-env
+	$(CARGO) build --locked
+	.venv/bin/python tools/dicom_parity.py --binary target/debug/fptserve --out tests/python/DICOM_PARITY.md
