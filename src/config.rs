@@ -88,6 +88,9 @@ pub struct ServeArgs {
     /// Most frames in a multi-frame DICOM [default: 4096].
     #[arg(long, env = "FPTSERVE_MAX_FRAMES")]
     pub max_frames: Option<u32>,
+    /// Largest decoded frame in bytes [default: 2147483648 = 2 GiB].
+    #[arg(long, env = "FPTSERVE_MAX_FRAME_BYTES")]
+    pub max_frame_bytes: Option<u64>,
 }
 
 /// `fptserve classify`.
@@ -134,6 +137,7 @@ struct FileConfig {
     max_in_flight: Option<usize>,
     max_pixels: Option<u64>,
     max_frames: Option<u32>,
+    max_frame_bytes: Option<u64>,
 }
 
 /// Settings shared by `serve` and `classify`.
@@ -272,8 +276,16 @@ impl ServeArgs {
                 .max_frames
                 .or(file.max_frames)
                 .unwrap_or(limits_default.max_frames),
-            max_frame_bytes: limits_default.max_frame_bytes,
+            max_frame_bytes: self
+                .max_frame_bytes
+                .or(file.max_frame_bytes)
+                .unwrap_or(limits_default.max_frame_bytes),
         };
+        if limits.max_pixels == 0 || limits.max_frames == 0 || limits.max_frame_bytes == 0 {
+            return Err(ConfigError(
+                "max_pixels, max_frames and max_frame_bytes must be at least 1".into(),
+            ));
+        }
         Ok(ServeConfig {
             models,
             grpc_listen,

@@ -462,8 +462,8 @@ def compare_case(binary: Path, tf: TestFile, frame: int, known: list[dict[str, A
         case.display = Check(MISMATCH, note=f"display .npy {shape}, expected uint8 ({ds.Rows}, {ds.Columns}, 3)")
         return case
     try:
-        from_pydicom = ref.display(ds, expected)
-        from_own = ref.display(ds, got) if got is not None and got.shape == expected.shape else None
+        from_pydicom = ref.display(ds, expected, frame)
+        from_own = ref.display(ds, got, frame) if got is not None and got.shape == expected.shape else None
     except Exception as e:  # noqa: BLE001
         case.display = Check(MISMATCH, note=f"reference policy failed: {_short(e)}")
         return case
@@ -491,7 +491,7 @@ def _display_only_own(binary, tf, frame, ds, stored: Answer, case: Case, t0: flo
         case.display = Check(ERROR, note=_short(disp.describe()))
         return case
     try:
-        own = ref.display(ds, _fptserve_stored(stored, ds))
+        own = ref.display(ds, _fptserve_stored(stored, ds), frame)
         d = _max_diff(disp.array, own)
         case.display = Check(EXACT if d == 0 else MISMATCH, d, "" if d == 0 else f"policy on fptserve's own values differs by {d}")
     except Exception as e:  # noqa: BLE001

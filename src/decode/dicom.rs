@@ -165,7 +165,27 @@ fn lut(
     })
 }
 
-fn modality_lut(obj: &InMemDicomObject) -> Result<ModalityLut, DecodeError> {
+/// The first item of `sequence` in this frame's functional groups (Enhanced multi-frame
+/// objects): the Per-frame Functional Groups item of the frame first, then the Shared one.
+fn functional_item(
+    obj: &InMemDicomObject,
+    frame: u32,
+    sequence: dicom_core::Tag,
+) -> Option<&InMemDicomObject> {
+    let per_frame = element(obj, tags::PER_FRAME_FUNCTIONAL_GROUPS_SEQUENCE)
+        .and_then(|e| e.items())
+        .and_then(|items| items.get(frame as usize));
+    let shared = element(obj, tags::SHARED_FUNCTIONAL_GROUPS_SEQUENCE)
+        .and_then(|e| e.items())
+        .and_then(|items| items.first());
+    [per_frame, shared].into_iter().flatten().find_map(|group| {
+        element(group, sequence)
+            .and_then(|e| e.items())
+            .and_then(|items| items.first())
+    })
+}
+
+fn modality_lut(obj: &InMemDicomObject, frame: u32) -> Result<ModalityLut, DecodeError> {
     if let Some(item) = element(obj, tags::MODALITY_LUT_SEQUENCE)
         .and_then(|e| e.items())
         .and_then(|items| items.first())
@@ -177,11 +197,14 @@ fn modality_lut(obj: &InMemDicomObject) -> Result<ModalityLut, DecodeError> {
             "Modality LUT Sequence",
         )?));
     }
-    let slope = floats(obj, tags::RESCALE_SLOPE)
+    // Enhanced objects keep rescale in the Pixel Value Transformation functional group.
+    let source =
+        functional_item(obj, frame, tags::PIXEL_VALUE_TRANSFORMATION_SEQUENCE).unwrap_or(obj);
+    let slope = floats(source, tags::RESCALE_SLOPE)
         .first()
         .copied()
         .unwrap_or(1.0);
-    let intercept = floats(obj, tags::RESCALE_INTERCEPT)
+    let intercept = floats(source, tags::RESCALE_INTERCEPT)
         .first()
         .copied()
         .unwrap_or(0.0);
@@ -193,7 +216,7 @@ fn modality_lut(obj: &InMemDicomObject) -> Result<ModalityLut, DecodeError> {
     Ok(ModalityLut::Rescale { slope, intercept })
 }
 
-fn file_voi(obj: &InMemDicomObject) -> Result<FileVoi, DecodeError> {
+fn file_voi(obj: &InMemDicomObject, frame: u32) -> Result<FileVoi, DecodeError> {
     let mut luts = Vec::new();
     if let Some(items) = element(obj, tags::VOILUT_SEQUENCE).and_then(|e| e.items()) {
         for item in items {
@@ -205,15 +228,20 @@ fn file_voi(obj: &InMemDicomObject) -> Result<FileVoi, DecodeError> {
             )?);
         }
     }
-    let function_text = string(obj, tags::VOILUT_FUNCTION);
+    // Enhanced objects keep windows in the Frame VOI LUT functional group.
+    let source = functional_item(obj, frame, tags::FRAME_VOILUT_SEQUENCE).unwrap_or(obj);
+    let mut function_text = string(source, tags::VOILUT_FUNCTION);
+    if function_text.is_empty() {
+        function_text = string(obj, tags::VOILUT_FUNCTION);
+    }
     let function = VoiFunction::parse(&function_text).ok_or_else(|| {
         DecodeError::Unsupported(format!(
             "VOI LUT Function {function_text:?} is not supported"
         ))
     })?;
-    let windows = floats(obj, tags::WINDOW_CENTER)
+    let windows = floats(source, tags::WINDOW_CENTER)
         .into_iter()
-        .zip(floats(obj, tags::WINDOW_WIDTH))
+        .zip(floats(source, tags::WINDOW_WIDTH))
         .filter(|(c, w)| c.is_finite() && w.is_finite() && *w > 0.0)
         .map(|(center, width)| Window {
             center,
@@ -497,8 +525,8 @@ pub fn decode(bytes: &[u8], frame: u32, limits: &Limits) -> Result<Decoded, Deco
                 stored,
                 bits_stored: layout.bits_stored,
                 signed: layout.signed,
-                modality: modality_lut(&obj)?,
-                voi: file_voi(&obj)?,
+                modality: modality_lut(&obj, frame)?,
+                voi: file_voi(&obj, frame)?,
                 monochrome1: raw.photometric == "MONOCHROME1",
             }),
             raw.photometric.clone(),

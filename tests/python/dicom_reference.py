@@ -340,8 +340,58 @@ def colour_display(ds, stored: np.ndarray) -> np.ndarray:
     return np.clip(s, 0, 255).astype(np.uint8)
 
 
-def display(ds, stored: np.ndarray) -> np.ndarray:
+class _FrameView:
+    """A data set with some attributes replaced (read-only, only what the policy reads)."""
+
+    def __init__(self, ds, overrides: dict):
+        self._ds, self._overrides = ds, overrides
+
+    def get(self, name, default=None):
+        return self._overrides[name] if name in self._overrides else self._ds.get(name, default)
+
+    def __getattr__(self, name):
+        if name in self._overrides:
+            return self._overrides[name]
+        return getattr(self._ds, name)
+
+    def __contains__(self, name):
+        return name in self._overrides or name in self._ds
+
+
+def frame_attributes(ds, frame: int):
+    """Enhanced multi-frame objects: the frame's Pixel Value Transformation (rescale) and
+    Frame VOI LUT (window, function) functional groups, per-frame item first, then the
+    shared one, replace the top-level attributes."""
+    groups = []
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence")
+    if per_frame and frame < len(per_frame):
+        groups.append(per_frame[frame])
+    shared = ds.get("SharedFunctionalGroupsSequence")
+    if shared:
+        groups.append(shared[0])
+    def item_of(sequence):
+        for group in groups:
+            if sequence in group and len(group[sequence].value) > 0:
+                return group[sequence][0]
+        return None
+
+    overrides = {}
+    pvt = item_of("PixelValueTransformationSequence")
+    if pvt is not None:
+        overrides["RescaleSlope"] = pvt.get("RescaleSlope", None)
+        overrides["RescaleIntercept"] = pvt.get("RescaleIntercept", None)
+    voi = item_of("FrameVOILUTSequence")
+    if voi is not None:
+        overrides["WindowCenter"] = voi.get("WindowCenter", None)
+        overrides["WindowWidth"] = voi.get("WindowWidth", None)
+        if voi.get("VOILUTFunction", None):
+            overrides["VOILUTFunction"] = voi.VOILUTFunction
+    return _FrameView(ds, overrides) if overrides else ds
+
+
+def display(ds, stored: np.ndarray, frame: int = 0) -> np.ndarray:
     """The policy "auto" for one frame: uint8 (rows, columns, 3), grey replicated."""
+    ds = frame_attributes(ds, frame)
     photometric = str(ds.get("PhotometricInterpretation", "")).strip()
     if photometric in MONOCHROME:
         grey = monochrome_display(ds, stored)
@@ -440,4 +490,4 @@ def classify(display_rgb: np.ndarray, task: Task) -> dict[str, Any]:
 def reference_display(path: str | Path, frame: int = 0) -> np.ndarray:
     """pydicom decode of `frame` -> policy "auto" -> uint8 (rows, columns, 3)."""
     ds, _ = read_dataset(path)
-    return display(ds, pydicom_frame(ds, frame))
+    return display(ds, pydicom_frame(ds, frame), frame)

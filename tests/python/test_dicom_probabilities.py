@@ -88,7 +88,7 @@ def reference_display(binary: Path, tf: dp.TestFile, frame: int) -> tuple[np.nda
     expected = ref.pydicom_frame(ds, frame)
     tol = dp.tolerance(ref.transfer_syntax(ds), int(ds.get("SamplesPerPixel", 1)))
     if tol == 0:
-        return ref.display(ds, expected), "pydicom's decode"
+        return ref.display(ds, expected, frame), "pydicom's decode"
     answer = dp.run_decode(binary, tf.path, frame, "stored")
     assert answer.ok, f"fptserve cannot decode {tf.name} frame {frame}: {answer.describe()}"
     got = dp._fptserve_stored(answer, ds)
@@ -96,8 +96,8 @@ def reference_display(binary: Path, tf: dp.TestFile, frame: int) -> tuple[np.nda
     diff = int(np.abs(got - expected).max()) if got.size else 0
     assert diff <= tol, f"{tf.name}: fptserve's decode differs from pydicom's by {diff} > {tol}"
     if diff == 0:
-        return ref.display(ds, expected), "pydicom's decode (identical to fptserve's)"
-    return ref.display(ds, got), f"fptserve's decode (differs from pydicom's by {diff} <= {tol})"
+        return ref.display(ds, expected, frame), "pydicom's decode (identical to fptserve's)"
+    return ref.display(ds, got, frame), f"fptserve's decode (differs from pydicom's by {diff} <= {tol})"
 
 
 @pytest.mark.parametrize("name,frame,covers", CASES, ids=[f"{n}@{f}" for n, f, _ in CASES])
