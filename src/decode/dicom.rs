@@ -128,6 +128,15 @@ fn floats(obj: &InMemDicomObject, tag: dicom_core::Tag) -> Vec<f64> {
         .unwrap_or_default()
 }
 
+/// How a LUT's data element is laid out.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum LutData {
+    /// One word per entry.
+    Plain,
+    /// Segmented Palette Color LUT Data (PS3.3 C.7.9.2).
+    Segmented,
+}
+
 /// Reads a LUT from its descriptor and data elements (PS3.3 C.11.1.1.1): entries (0 means
 /// 65536), first mapped value (signed when the descriptor is SS), bits per entry.
 fn lut(
@@ -135,6 +144,7 @@ fn lut(
     descriptor: dicom_core::Tag,
     data: dicom_core::Tag,
     name: &str,
+    layout: LutData,
 ) -> Result<Lut, DecodeError> {
     let invalid = |what: &str| DecodeError::Invalid(format!("{name}: {what}"));
     let d = element(item, descriptor)
@@ -152,16 +162,24 @@ fn lut(
     let values = element(item, data)
         .and_then(|e| e.to_multi_int::<u32>().ok())
         .ok_or_else(|| invalid("LUT Data missing or unreadable"))?;
-    if values.len() < entries {
+    let data = match layout {
+        LutData::Plain => values,
+        LutData::Segmented => {
+            let mut out = Vec::with_capacity(entries);
+            expand_segments(&values, 0, None, &mut out, entries, 0).map_err(|e| invalid(&e))?;
+            out
+        }
+    };
+    if data.len() < entries {
         return Err(invalid(&format!(
             "LUT Data holds {} entries, the descriptor says {entries}",
-            values.len()
+            data.len()
         )));
     }
     Ok(Lut {
         first_mapped,
         bits,
-        data: values[..entries].to_vec(),
+        data: data[..entries].to_vec(),
     })
 }
 
@@ -195,6 +213,7 @@ fn modality_lut(obj: &InMemDicomObject, frame: u32) -> Result<ModalityLut, Decod
             tags::LUT_DESCRIPTOR,
             tags::LUT_DATA,
             "Modality LUT Sequence",
+            LutData::Plain,
         )?));
     }
     // Enhanced objects keep rescale in the Pixel Value Transformation functional group.
@@ -225,6 +244,7 @@ fn file_voi(obj: &InMemDicomObject, frame: u32) -> Result<FileVoi, DecodeError> 
                 tags::LUT_DESCRIPTOR,
                 tags::LUT_DATA,
                 "VOI LUT Sequence",
+                LutData::Plain,
             )?);
         }
     }
@@ -302,81 +322,48 @@ fn expand_segments(
     Ok(())
 }
 
-/// A palette table from Segmented ... LUT Data.
-fn segmented_lut(
-    obj: &InMemDicomObject,
-    descriptor: dicom_core::Tag,
-    data: dicom_core::Tag,
-    name: &str,
-) -> Result<Lut, DecodeError> {
-    let invalid = |what: &str| DecodeError::Invalid(format!("{name}: {what}"));
-    let d = element(obj, descriptor)
-        .and_then(|e| e.to_multi_int::<i64>().ok())
-        .filter(|d| d.len() == 3)
-        .ok_or_else(|| invalid("LUT Descriptor must hold 3 numbers"))?;
-    let entries = if d[0] == 0 { 65536 } else { d[0] as usize };
-    let words = element(obj, data)
-        .and_then(|e| e.to_multi_int::<u32>().ok())
-        .ok_or_else(|| invalid("segmented LUT Data unreadable"))?;
-    let mut out = Vec::with_capacity(entries);
-    expand_segments(&words, 0, None, &mut out, entries, 0).map_err(|e| invalid(&e))?;
-    if out.len() < entries {
-        return Err(invalid(&format!(
-            "segments give {} entries, the descriptor says {entries}",
-            out.len()
-        )));
-    }
-    Ok(Lut {
-        first_mapped: d[1],
-        bits: u16::try_from(d[2])
-            .ok()
-            .filter(|b| (1..=16).contains(b))
-            .ok_or_else(|| invalid("LUT bits must be 1..=16"))?,
-        data: out,
-    })
-}
-
 fn palette(obj: &InMemDicomObject) -> Result<[Lut; 3], DecodeError> {
-    if element(obj, tags::SEGMENTED_RED_PALETTE_COLOR_LOOKUP_TABLE_DATA).is_some() {
-        return Ok([
-            segmented_lut(
-                obj,
-                tags::RED_PALETTE_COLOR_LOOKUP_TABLE_DESCRIPTOR,
+    let segmented = element(obj, tags::SEGMENTED_RED_PALETTE_COLOR_LOOKUP_TABLE_DATA).is_some();
+    let (layout, [red, green, blue]) = if segmented {
+        (
+            LutData::Segmented,
+            [
                 tags::SEGMENTED_RED_PALETTE_COLOR_LOOKUP_TABLE_DATA,
-                "Segmented Red Palette Color LUT",
-            )?,
-            segmented_lut(
-                obj,
-                tags::GREEN_PALETTE_COLOR_LOOKUP_TABLE_DESCRIPTOR,
                 tags::SEGMENTED_GREEN_PALETTE_COLOR_LOOKUP_TABLE_DATA,
-                "Segmented Green Palette Color LUT",
-            )?,
-            segmented_lut(
-                obj,
-                tags::BLUE_PALETTE_COLOR_LOOKUP_TABLE_DESCRIPTOR,
                 tags::SEGMENTED_BLUE_PALETTE_COLOR_LOOKUP_TABLE_DATA,
-                "Segmented Blue Palette Color LUT",
-            )?,
-        ]);
-    }
+            ],
+        )
+    } else {
+        (
+            LutData::Plain,
+            [
+                tags::RED_PALETTE_COLOR_LOOKUP_TABLE_DATA,
+                tags::GREEN_PALETTE_COLOR_LOOKUP_TABLE_DATA,
+                tags::BLUE_PALETTE_COLOR_LOOKUP_TABLE_DATA,
+            ],
+        )
+    };
     Ok([
         lut(
             obj,
             tags::RED_PALETTE_COLOR_LOOKUP_TABLE_DESCRIPTOR,
-            tags::RED_PALETTE_COLOR_LOOKUP_TABLE_DATA,
+            red,
             "Red Palette Color LUT",
+            layout,
         )?,
         lut(
             obj,
             tags::GREEN_PALETTE_COLOR_LOOKUP_TABLE_DESCRIPTOR,
-            tags::GREEN_PALETTE_COLOR_LOOKUP_TABLE_DATA,
+            green,
             "Green Palette Color LUT",
+            layout,
         )?,
         lut(
             obj,
             tags::BLUE_PALETTE_COLOR_LOOKUP_TABLE_DESCRIPTOR,
-            tags::BLUE_PALETTE_COLOR_LOOKUP_TABLE_DATA,
+            blue,
             "Blue Palette Color LUT",
+            layout,
         )?,
     ])
 }
