@@ -12,7 +12,14 @@
 //!   bits (rounded half away from zero), accumulated in i32 starting from one half,
 //!   shifted back and clamped to 0..=255.
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
+
 const PRECISION_BITS: u32 = 32 - 8 - 2;
+
+/// Size pairs whose taps are kept; a server sees few (each task's input sizes, a few
+/// common image sizes), so when this fills up it simply starts over.
+const TAPS_CACHE_ENTRIES: usize = 256;
 
 /// Filter taps for one axis: for each output index, the first source index and the
 /// fixed-point weights of the source pixels it reads.
@@ -27,6 +34,29 @@ struct Taps {
 fn triangle(x: f64) -> f64 {
     let x = x.abs();
     if x < 1.0 { 1.0 - x } else { 0.0 }
+}
+
+/// Taps by (input size, output size).
+type TapsCache = Mutex<HashMap<(usize, usize), Arc<Taps>>>;
+
+/// The taps for a size pair, computed once and shared.
+fn cached_taps(in_size: usize, out_size: usize) -> Arc<Taps> {
+    static CACHE: OnceLock<TapsCache> = OnceLock::new();
+    let cache = CACHE.get_or_init(Default::default);
+    if let Some(t) = cache
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .get(&(in_size, out_size))
+    {
+        return t.clone();
+    }
+    let t = Arc::new(taps(in_size, out_size));
+    let mut cache = cache.lock().unwrap_or_else(|p| p.into_inner());
+    if cache.len() >= TAPS_CACHE_ENTRIES {
+        cache.clear();
+    }
+    cache.insert((in_size, out_size), t.clone());
+    t
 }
 
 fn taps(in_size: usize, out_size: usize) -> Taps {
@@ -78,13 +108,24 @@ fn clip8(acc: i32) -> u8 {
 }
 
 fn horizontal(src: &[u8], width: usize, height: usize, ch: usize, out_w: usize) -> Vec<u8> {
-    let t = taps(width, out_w);
+    let t = cached_taps(width, out_w);
     let mut out = vec![0u8; out_w * height * ch];
     for y in 0..height {
         let row = &src[y * width * ch..(y + 1) * width * ch];
         let out_row = &mut out[y * out_w * ch..(y + 1) * out_w * ch];
         for (xx, &(xmin, n)) in t.bounds.iter().enumerate() {
             let k = &t.weights[xx * t.ksize..xx * t.ksize + n];
+            if ch == 3 {
+                // RGB, the common case: the three channels accumulate side by side.
+                let mut acc = [1i32 << (PRECISION_BITS - 1); 3];
+                for (px, &w) in row[xmin * 3..(xmin + n) * 3].chunks_exact(3).zip(k) {
+                    acc[0] += i32::from(px[0]) * w;
+                    acc[1] += i32::from(px[1]) * w;
+                    acc[2] += i32::from(px[2]) * w;
+                }
+                out_row[xx * 3..xx * 3 + 3].copy_from_slice(&acc.map(clip8));
+                continue;
+            }
             for c in 0..ch {
                 let mut acc: i32 = 1 << (PRECISION_BITS - 1);
                 for (x, &w) in k.iter().enumerate() {
@@ -98,7 +139,7 @@ fn horizontal(src: &[u8], width: usize, height: usize, ch: usize, out_w: usize) 
 }
 
 fn vertical(src: &[u8], width: usize, height: usize, ch: usize, out_h: usize) -> Vec<u8> {
-    let t = taps(height, out_h);
+    let t = cached_taps(height, out_h);
     let stride = width * ch;
     let mut out = vec![0u8; stride * out_h];
     let mut acc = vec![0i32; stride];
