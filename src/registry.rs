@@ -2,8 +2,9 @@
 //!
 //! A request loads the current snapshot once and uses it to the end, so it sees one
 //! consistent set of adapters; an adapter version stays alive (it is an `Arc`) for as
-//! long as a request holds it, even after a newer snapshot drops it. Publishing a new
-//! snapshot is a single atomic pointer swap: the request path takes no lock here.
+//! long as a request holds it, even after a newer snapshot drops it. The snapshot sits in
+//! an `ArcSwap` so that replacing it (the admin API, not built yet) is one atomic pointer
+//! swap: the request path takes no lock here.
 
 use std::cmp::Ordering;
 use std::collections::BTreeMap;
@@ -165,11 +166,6 @@ impl Registry {
     /// The current snapshot; hold it for the whole request.
     pub fn snapshot(&self) -> Arc<Snapshot> {
         self.current.load_full()
-    }
-
-    /// Replaces the snapshot atomically.
-    pub fn publish(&self, snapshot: Snapshot) {
-        self.current.store(Arc::new(snapshot));
     }
 }
 

@@ -25,10 +25,9 @@ def load_rgb(path: str | Path) -> Image.Image:
 
 
 def dicom_pixels(path: str | Path) -> np.ndarray:
-    """Pixels of an 8-bit MONOCHROME2 or RGB DICOM file, for which the default pixel policy
-    (VOI "auto": window from the file, else min-max) is the identity when the file has no
-    window and its values span what the display shows. Other files are refused here: the
-    reference pipeline only covers the committed fixtures."""
+    """Pixels of an 8-bit MONOCHROME2 or RGB DICOM file without window or rescale, for which
+    the default pixel policy (VOI "auto", README: DICOM) is the identity. Other files are
+    refused here: the full pixel policy is mirrored in tests/python/dicom_reference.py."""
     import pydicom
 
     ds = pydicom.dcmread(str(path))
