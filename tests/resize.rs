@@ -58,14 +58,14 @@ fn check(png: &Path) {
     // Same size first: checks the convert('RGB') rules alone.
     let same = pillow(png, rgb.width, rgb.height, &dir.path().join("same.raw"));
     assert!(
-        same == rgb.data,
+        *same == *rgb.rgb_bytes(),
         "{}: convert('RGB') differs from Pillow",
         png.display()
     );
     for &(w, h) in SIZES {
         let expected = pillow(png, w, h, &dir.path().join("out.raw"));
         let ours = resize_bilinear(
-            &rgb.data,
+            &rgb.rgb_bytes(),
             rgb.width as usize,
             rgb.height as usize,
             3,

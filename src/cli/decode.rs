@@ -132,7 +132,7 @@ fn run_inner(args: &DecodeArgs) -> Result<serde_json::Value, DecodeError> {
                 (
                     "|u1",
                     vec![rows, columns, 3],
-                    rgb.data.clone(),
+                    rgb.rgb_bytes().into_owned(),
                     "RGB".into(),
                 )
             }

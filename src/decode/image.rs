@@ -97,9 +97,5 @@ fn to_rgb(image: DynamicImage) -> Result<RgbImage, DecodeError> {
             )));
         }
     };
-    Ok(RgbImage {
-        width,
-        height,
-        data,
-    })
+    Ok(RgbImage::rgb(width, height, data))
 }
