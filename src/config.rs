@@ -53,7 +53,7 @@ pub struct ModelArgs {
     /// Path of libonnxruntime.so [default: found automatically].
     #[arg(long, env = "FPTSERVE_ONNXRUNTIME_LIB")]
     pub onnxruntime_lib: Option<PathBuf>,
-    /// ONNX Runtime threads inside one operator [default: 0 = one per core].
+    /// ONNX Runtime threads inside one operator, one pool shared by every model [default: 0 = one per core].
     #[arg(long, env = "FPTSERVE_INTRA_OP_THREADS")]
     pub intra_op_threads: Option<usize>,
     /// ONNX Runtime threads across operators [default: 0 = runtime default].

@@ -12,6 +12,7 @@ use std::str::FromStr;
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use ort::environment::GlobalThreadPoolOptions;
 use ort::ep::{self, ExecutionProvider};
 use ort::session::Session;
 use ort::session::builder::{GraphOptimizationLevel, SessionBuilder};
@@ -70,7 +71,10 @@ pub enum RuntimeError {
     },
 }
 
-/// Thread settings for ONNX Runtime sessions.
+/// Thread settings for ONNX Runtime: one pool per process, shared by every session.
+///
+/// Per-session pools (ONNX Runtime's default) would give each of a hundred adapters its own
+/// threads, each spinning after its run, all competing for the same cores.
 #[derive(Clone, Copy, Debug)]
 pub struct Threads {
     /// Threads inside one operator (0 = ONNX Runtime's default: one per core).
@@ -84,7 +88,6 @@ pub struct Runtime {
     environment: ort::environment::Environment,
     library: PathBuf,
     requested: Device,
-    threads: Threads,
     /// Cleared when CUDA failed once, so later sessions go straight to the CPU.
     cuda_usable: AtomicBool,
 }
@@ -120,9 +123,10 @@ fn candidates(explicit: Option<&Path>) -> Vec<PathBuf> {
 /// Loads ONNX Runtime once per process and returns the library path in use.
 ///
 /// ONNX Runtime allows one environment per process, so later calls (tests start several
-/// servers in one process) reuse the first one, whatever path they ask for.
+/// servers in one process) reuse the first one, whatever path and threads they ask for.
 pub fn init_library(
     explicit: Option<&Path>,
+    threads: Threads,
 ) -> Result<(PathBuf, ort::environment::Environment), RuntimeError> {
     let result = ENVIRONMENT.get_or_init(|| {
         let tried = candidates(explicit);
@@ -132,12 +136,18 @@ pub fn init_library(
             .cloned()
             // Last resort: let the dynamic loader search its usual paths.
             .unwrap_or_else(|| PathBuf::from("libonnxruntime.so"));
-        let env = ort::init_from(&path)
-            .map_err(|e| {
-                let looked: Vec<String> = tried.iter().map(|p| p.display().to_string()).collect();
-                format!("{e} (looked at: {})", looked.join(", "))
-            })?
+        let builder = ort::init_from(&path).map_err(|e| {
+            let looked: Vec<String> = tried.iter().map(|p| p.display().to_string()).collect();
+            format!("{e} (looked at: {})", looked.join(", "))
+        })?;
+        // after init_from: the options live in the library it loads
+        let pool = GlobalThreadPoolOptions::default()
+            .with_intra_threads(threads.intra_op)
+            .and_then(|p| p.with_inter_threads(threads.inter_op))
+            .map_err(|e| e.to_string())?;
+        let env = builder
             .with_name("fptserve")
+            .with_global_thread_pool(pool)
             .build()
             .map_err(|e| e.to_string())?;
         Ok((path, env))
@@ -158,7 +168,7 @@ impl Runtime {
         device: Device,
         threads: Threads,
     ) -> Result<Self, RuntimeError> {
-        let (library, environment) = init_library(library)?;
+        let (library, environment) = init_library(library, threads)?;
         let cuda_usable = match device {
             Device::Cpu => false,
             Device::Cuda(_) => match ep::CUDA::is_available() {
@@ -177,7 +187,6 @@ impl Runtime {
             environment,
             library,
             requested: device,
-            threads,
             cuda_usable: AtomicBool::new(cuda_usable),
         })
     }
@@ -201,15 +210,9 @@ impl Runtime {
     }
 
     fn builder(&self) -> ort::Result<SessionBuilder> {
-        let mut builder = Session::builder(&self.environment)?
-            .with_optimization_level(GraphOptimizationLevel::Level3)?;
-        if self.threads.intra_op > 0 {
-            builder = builder.with_intra_threads(self.threads.intra_op)?;
-        }
-        if self.threads.inter_op > 0 {
-            builder = builder.with_inter_threads(self.threads.inter_op)?;
-        }
-        Ok(builder)
+        // ORT_ENABLE_ALL, ONNX Runtime's own default (the crate's Level3 stops at layout).
+        Ok(Session::builder(&self.environment)?
+            .with_optimization_level(GraphOptimizationLevel::All)?)
     }
 
     /// Creates a session from an in-memory model, on the runtime's device.
