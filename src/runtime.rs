@@ -83,6 +83,18 @@ pub struct Threads {
     pub inter_op: usize,
 }
 
+/// Where a CPU session's working memory (activations) comes from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Memory {
+    /// Its own ONNX Runtime arena, kept at its peak for the session's lifetime: one large
+    /// model run over and over (the backbone).
+    Arena,
+    /// The process allocator, given back after every run: many small models (adapters)
+    /// then share one pool instead of each holding its own peak (full-size adapters,
+    /// RSS after serving each once: 10.9 MiB per adapter with arenas, 9.7 MiB without).
+    Shared,
+}
+
 /// An initialised ONNX Runtime plus the device sessions are created for.
 pub struct Runtime {
     environment: ort::environment::Environment,
@@ -219,7 +231,7 @@ impl Runtime {
     ///
     /// When the CUDA provider cannot start (no driver, missing CUDA libraries), the failure
     /// is logged once and this and every later session runs on the CPU.
-    pub fn session(&self, model: &[u8], name: &str) -> ort::Result<Session> {
+    pub fn session(&self, model: &[u8], name: &str, memory: Memory) -> ort::Result<Session> {
         if let Device::Cuda(ordinal) = self.device() {
             let cuda = ep::CUDA::default()
                 .with_device_id(ordinal)
@@ -238,6 +250,17 @@ impl Runtime {
                 }
             }
         }
-        self.builder()?.commit_from_memory(model)
+        let builder = self.builder()?;
+        let mut builder = match memory {
+            Memory::Arena => builder,
+            Memory::Shared => builder
+                .with_memory_pattern(false)?
+                .with_execution_providers([ep::CPU::default()
+                    .with_arena_allocator(false)
+                    .build()
+                    .error_on_failure()])
+                .map_err(|e| -> ort::Error { e.into() })?,
+        };
+        builder.commit_from_memory(model)
     }
 }

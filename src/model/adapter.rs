@@ -10,7 +10,7 @@ use super::backbone::{Backbone, Features};
 use super::{Model, ModelError};
 use crate::preprocess::Normalization;
 use crate::repository::manifest::AdapterManifest;
-use crate::runtime::Runtime;
+use crate::runtime::{Memory, Runtime};
 
 /// A loaded adapter, bound to the backbone it was trained against.
 pub struct Adapter {
@@ -63,6 +63,7 @@ impl Adapter {
             &manifest.sha256,
             &manifest.inputs,
             &manifest.outputs,
+            Memory::Shared,
         )?;
         Ok(Adapter {
             manifest,

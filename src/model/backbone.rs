@@ -8,7 +8,7 @@ use ort::value::{DynValue, Tensor};
 
 use super::{Model, ModelError};
 use crate::repository::manifest::{BackboneManifest, BackboneRef};
-use crate::runtime::Runtime;
+use crate::runtime::{Memory, Runtime};
 
 /// A loaded backbone.
 pub struct Backbone {
@@ -38,6 +38,7 @@ impl Backbone {
             &manifest.sha256,
             &manifest.inputs,
             &manifest.outputs,
+            Memory::Arena,
         )?;
         let shape = &manifest
             .inputs

@@ -13,7 +13,7 @@ use ort::value::{TensorElementType, ValueType};
 use sha2::{Digest, Sha256};
 
 use crate::repository::manifest::{ManifestError, TensorSpec};
-use crate::runtime::Runtime;
+use crate::runtime::{Memory, Runtime};
 
 /// Why a model could not be loaded or run.
 #[derive(Debug, thiserror::Error)]
@@ -176,11 +176,12 @@ impl Model {
         sha256: &str,
         inputs: &[TensorSpec],
         outputs: &[TensorSpec],
+        memory: Memory,
     ) -> Result<Self, ModelError> {
         let bytes = read_verified(dir, file, sha256)?;
         let path = dir.join(file);
         let session = runtime
-            .session(&bytes, &path.display().to_string())
+            .session(&bytes, &path.display().to_string(), memory)
             .map_err(|e| ModelError::Session {
                 path: path.clone(),
                 message: e.to_string(),
