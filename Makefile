@@ -8,7 +8,7 @@
 CARGO ?= cargo
 ARGS ?=
 
-.PHONY: serve test system-deps runtime python-env demo-models full-models dicom-parity
+.PHONY: serve test system-deps runtime python-env demo-models full-models dicom-parity bench bench-quick
 
 serve: system-deps runtime
 	$(CARGO) run --release --locked -- serve $(ARGS)
@@ -33,6 +33,19 @@ demo-models: python-env
 # Writes full-size models (ViT-B/16 at 512, random weights) to models/full for benchmarks.
 full-models: python-env
 	.venv/bin/python -m fptserve_models full --out models/full
+
+models/full/tasks/dr-grade/1/manifest.json:
+	$(MAKE) full-models
+
+# fptserve against its peers, side by side; writes BENCHMARKS.md (about 20 minutes on 2 cores).
+bench: system-deps runtime python-env models/full/tasks/dr-grade/1/manifest.json
+	$(CARGO) build --release --locked
+	.venv/bin/python benches/run.py --full --binary target/release/fptserve --out BENCHMARKS.md
+
+# Every benchmark case once on the demo models (make test runs it too, in tests/python).
+bench-quick: system-deps runtime python-env
+	$(CARGO) build --locked
+	.venv/bin/python benches/run.py --quick --binary target/debug/fptserve --out target/bench/BENCHMARKS-quick.md
 
 # Decodes every DICOM file pydicom and pydicom-data ship, with fptserve and with pydicom,
 # and writes the comparison to tests/python/DICOM_PARITY.md.

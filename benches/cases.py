@@ -1,0 +1,483 @@
+"""The benchmark cases of BENCHMARKS.md. Each case runs fptserve and its peer side by side in
+this run, on this machine, and returns a `Section`: the markdown for the report and the raw
+numbers for results.json.
+
+Timing discipline: warm-up calls first, then a block of repetitions per contender, with a
+pause between blocks: ONNX Runtime's worker threads spin for a while after a run, and on a
+small machine a baseline's spinning threads in this process would slow the daemon's next call
+(measured: 3x on 2 cores when calls alternated). Medians with min and max; ratios of medians.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pydicom
+
+import data
+import peer
+import repos
+from servers import BENCHES, Client, Fptserve, Peer
+
+MiB = 1 << 20
+
+
+@dataclass
+class Settings:
+    """What one mode runs: models, sizes and repetitions."""
+
+    mode: str
+    binary: Path
+    work: Path
+    stubs: tuple
+    threads: int
+    template: repos.Adapter  # the adapter every case serves (and clones)
+    tiny_template: repos.Adapter  # the demo models, for the throughput case
+    serving_size: int  # the serving cases' DICOM (uncompressed), pixels per side
+    decode_size: int  # the decode case's DICOMs, pixels per side
+    repeats: int  # timed repetitions per measurement
+    warmup: int
+    task_counts: tuple[int, ...] = (1, 4, 8)
+    adapter_counts: tuple[int, ...] = (0, 10, 100)
+    full_model_counts: tuple[int, ...] = (1, 2, 3)
+    concurrency: tuple[int, ...] = (1, 16)
+    # (models label, template, requests at concurrency 1, requests at the highest concurrency)
+    throughput_models: list = field(default_factory=list)
+
+
+@dataclass
+class Section:
+    title: str
+    markdown: str
+    raw: dict
+
+
+# --------------------------------------------------------------------------------------------
+# numbers and tables
+# --------------------------------------------------------------------------------------------
+
+
+def stats(samples: list[float]) -> dict:
+    return {"median": statistics.median(samples), "min": min(samples), "max": max(samples), "n": len(samples)}
+
+
+def ms(s: dict, digits: int = 1) -> str:
+    """'median (min–max)' of a stats dict in seconds, shown in milliseconds."""
+    f = f"{{:.{digits}f}}"
+    text = f.format(s["median"] * 1e3)
+    if s["n"] > 1:
+        text += f" ({f.format(s['min'] * 1e3)}–{f.format(s['max'] * 1e3)})"
+    return text
+
+
+def per_s(s: dict, digits: int = 2) -> str:
+    """'median (min–max)' of a stats dict of rates."""
+    f = f"{{:.{digits}f}}"
+    text = f.format(s["median"])
+    if s["n"] > 1:
+        text += f" ({f.format(s['min'])}–{f.format(s['max'])})"
+    return text
+
+
+def mib(n: float) -> str:
+    return f"{n / MiB:.1f}"
+
+
+def table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def percentile(samples: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(samples), q))
+
+
+# --------------------------------------------------------------------------------------------
+# the direct ONNX Runtime baseline
+# --------------------------------------------------------------------------------------------
+
+
+def session(path: Path, threads: int) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def ready_tensors(dicom: bytes, template: repos.Adapter) -> tuple[np.ndarray, np.ndarray]:
+    """The template's backbone and side inputs for a DICOM, made by the peer's pipeline."""
+    pre = template.manifest["preprocessing"]
+    rgb = peer.decode_display(dicom)
+    pixels = peer.preprocess(rgb, pre["backbone_size"][0], pre["mean"], pre["std"])
+    side = peer.preprocess(rgb, pre["side_size"][0], pre["mean"], pre["std"])
+    return pixels, side
+
+
+class Direct:
+    """backbone.onnx + side.onnx run by ONNX Runtime from Python on ready tensors."""
+
+    def __init__(self, template: repos.Adapter, threads: int, adapters: int = 1):
+        self.backbone = session(template.backbone_onnx, threads)
+        self.sides = [session(template.side_onnx, threads) for _ in range(adapters)]
+
+    def run(self, pixels: np.ndarray, side_pixels: np.ndarray, adapters: int = 1) -> list[np.ndarray]:
+        outputs = self.backbone.run(None, {"pixel_values": pixels})
+        names = [o.name for o in self.backbone.get_outputs()]
+        kv = dict(zip(names, outputs))
+        return [
+            s.run(["logits"], {"side_pixel_values": side_pixels, "key_states": kv["key_states"],
+                               "value_states": kv["value_states"]})[0]
+            for s in self.sides[:adapters]
+        ]
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits.astype(np.float64).ravel()
+    e = np.exp(z - z.max())
+    return e / e.sum()
+
+
+def check_same_answer(response, logits: np.ndarray, what: str, tolerance: float = 2e-3) -> float:
+    """fptserve's probabilities against the baseline's: both must have done the same work."""
+    got = np.array([s.probability for s in response.results[0].scores])
+    want = softmax(logits)
+    diff = float(np.abs(got - want).max())
+    if diff > tolerance:
+        raise RuntimeError(f"{what}: fptserve and the baseline disagree by {diff:.3g} (> {tolerance})")
+    return diff
+
+
+def warm(fn, times: int) -> None:
+    for _ in range(times):
+        fn()
+
+
+def block(fn, times: int) -> list:
+    """`times` calls of `fn` after a pause that lets spinning threads of earlier work park."""
+    time.sleep(0.5)
+    return [fn() for _ in range(times)]
+
+
+def elapsed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+# --------------------------------------------------------------------------------------------
+# case 1: serving overhead
+# --------------------------------------------------------------------------------------------
+
+
+def serving_overhead(s: Settings) -> Section:
+    t = s.template
+    path = data.serving_dicom(s.work, s.serving_size)
+    dicom = path.read_bytes()
+    pixels, side = ready_tensors(dicom, t)
+    direct = Direct(t, s.threads)
+    with Fptserve(s.binary, t.repository, s.threads) as server:
+        client = Client(server.addr, s.stubs)
+        _, response = client.timed(dicom, [t.spec])
+        diff = check_same_answer(response, direct.run(pixels, side)[0], "serving overhead")
+        warm(lambda: (client.classify(dicom, [t.spec]), direct.run(pixels, side)), s.warmup)
+        calls = block(lambda: client.timed(dicom, [t.spec]), s.repeats)
+        compute = block(lambda: elapsed(lambda: direct.run(pixels, side)), s.repeats)
+        client.close()
+    e2e = [seconds for seconds, _ in calls]
+    stages = {k: [getattr(r.timings, k) / 1e3 for _, r in calls]
+              for k in ("decode_ms", "preprocess_ms", "backbone_ms", "adapters_ms")}
+    e2e_s, compute_s = stats(e2e), stats(compute)
+    ratio = e2e_s["median"] / compute_s["median"]
+    overhead = e2e_s["median"] - compute_s["median"]
+    stage_s = {k: stats(v) for k, v in stages.items()}
+    rows = [
+        ["fptserve: Classify over gRPC (DICOM bytes in, probabilities out)", ms(e2e_s)],
+        ["ONNX Runtime from Python: backbone + side network on ready tensors", ms(compute_s)],
+    ]
+    md = f"""\
+One task ({t.spec}, backbone {t.backbone_name}) on a {s.serving_size}x{s.serving_size} DICOM, 16 bits
+allocated, 12 stored, uncompressed ({len(dicom) / MiB:.1f} MiB), {s.repeats} calls after {s.warmup} warm-up.
+The baseline is the same two ONNX files run by ONNX Runtime from Python on tensors prepared in
+advance, with the same intra-op threads ({s.threads}); it does no decoding, no resizing and no I/O,
+so it is the floor. fptserve's probabilities equal the baseline's (max difference {diff:.1e}).
+
+{table(["", "latency, ms: median (min–max)"], rows)}
+
+**fptserve / floor: {ratio:.3f}** (1.0 is the floor); non-compute time {overhead * 1e3:.1f} ms per call.
+
+fptserve's own stage timings (from the response), median ms: decode {ms(stage_s['decode_ms'])},
+preprocess (window to 8 bits + both resizes) {ms(stage_s['preprocess_ms'])}, backbone
+{ms(stage_s['backbone_ms'])}, side network {ms(stage_s['adapters_ms'])}.
+"""
+    raw = {"e2e": e2e, "direct": compute, "stages": stages, "ratio": ratio, "overhead_s": overhead,
+           "max_probability_diff": diff}
+    return Section("1. Serving overhead", md, raw)
+
+
+# --------------------------------------------------------------------------------------------
+# case 2: many tasks per image
+# --------------------------------------------------------------------------------------------
+
+
+def many_tasks(s: Settings) -> Section:
+    t = s.template
+    kmax = max(s.task_counts)
+    repository = repos.cloned_repository(s.work, t, kmax)
+    fused_path = repos.fused_model(s.work, t)
+    dicom = data.serving_dicom(s.work, s.serving_size).read_bytes()
+    pixels, side = ready_tensors(dicom, t)
+    fused = [session(fused_path, s.threads) for _ in range(kmax)]
+    direct = Direct(t, s.threads, adapters=kmax)
+
+    def run_fused(k: int) -> float:
+        return elapsed(lambda: [f.run(["logits"], {"pixel_values": pixels, "side_pixel_values": side})
+                                for f in fused[:k]])
+
+    def run_direct(k: int) -> float:
+        return elapsed(lambda: direct.run(pixels, side, k))
+
+    raw, rows = {}, []
+    with Fptserve(s.binary, repository, s.threads) as server:
+        client = Client(server.addr, s.stubs)
+        for k in s.task_counts:
+            tasks = [repos.clone_name(i) for i in range(k)]
+            _, response = client.timed(dicom, tasks)
+            if response.backbone_runs != 1 or len(response.results) != k:
+                raise RuntimeError(f"{k} tasks: expected 1 backbone run and {k} results, got "
+                                   f"{response.backbone_runs} and {len(response.results)}")
+            fused_logits = fused[0].run(["logits"], {"pixel_values": pixels, "side_pixel_values": side})[0]
+            check_same_answer(response, fused_logits, f"{k} tasks vs the fused model")
+            warm(lambda: (client.classify(dicom, tasks), run_fused(k), run_direct(k)), s.warmup)
+            ours = block(lambda: client.timed(dicom, tasks)[0], s.repeats)
+            theirs = block(lambda: run_fused(k), s.repeats)
+            floor = block(lambda: run_direct(k), s.repeats)
+            o, f, d = stats(ours), stats(theirs), stats(floor)
+            tput = {name: stats([1.0 / x for x in xs]) for name, xs in
+                    (("fptserve", ours), ("fused", theirs), ("direct", floor))}
+            ratio = tput["fptserve"]["median"] / tput["fused"]["median"]
+            raw[k] = {"fptserve": ours, "fused": theirs, "direct_shared_backbone": floor, "ratio": ratio}
+            rows.append([str(k), ms(o), per_s(tput["fptserve"], 3), ms(f), per_s(tput["fused"], 3),
+                         f"**{ratio:.2f}**", ms(d)])
+        client.close()
+    md = f"""\
+K tasks for one image ({s.serving_size}x{s.serving_size} uncompressed DICOM). fptserve answers all K in
+one Classify call over gRPC: one backbone run (checked: `backbone_runs` = 1) and K side networks.
+The peer is what a one-model-per-task server runs: K separate fine-tuned models, each the backbone
+and side network fused into one ONNX graph (onnx.compose of the same two files), run by ONNX
+Runtime from Python on ready tensors, one after the other; it pays no decoding and no gRPC, so the
+comparison favours it. The last column is the design's floor: one backbone run and K side networks
+by ONNX Runtime from Python on ready tensors. {s.repeats} repetitions after {s.warmup} warm-up; threads {s.threads}.
+
+{table(["K", "fptserve ms/image", "fptserve images/s", "K fused models ms/image", "fused images/s",
+        "throughput ratio", "floor ms/image (1 backbone + K sides, no serving)"], rows)}
+
+The paper's design predicts a ratio close to K, less the serving overhead of case 1 and the side
+networks' own cost.
+"""
+    return Section("2. Many tasks per image", md, raw)
+
+
+# --------------------------------------------------------------------------------------------
+# case 3: memory
+# --------------------------------------------------------------------------------------------
+
+
+def _warm_every_task(client: Client, dicom: bytes, count: int) -> None:
+    names = [repos.clone_name(i) for i in range(count)]
+    for start in range(0, count, 64):
+        client.classify(dicom, names[start:start + 64])
+
+
+def memory(s: Settings) -> Section:
+    t = s.template
+    dicom = data.serving_dicom(s.work, s.serving_size).read_bytes()
+    side_bytes = t.side_onnx.stat().st_size
+    backbone_bytes = t.backbone_onnx.stat().st_size
+    ours = {}
+    for n in s.adapter_counts:
+        repository = repos.cloned_repository(s.work, t, n)
+        with Fptserve(s.binary, repository, s.threads) as server:
+            loaded = server.rss()
+            if n:
+                client = Client(server.addr, s.stubs)
+                _warm_every_task(client, dicom, n)
+                client.close()
+            ours[n] = {"loaded": loaded, "warm": server.rss()}
+    fused_path = repos.fused_model(s.work, t)
+    theirs = {}
+    for n in s.full_model_counts:
+        out = subprocess.run(
+            [sys.executable, str(BENCHES / "fused_rss.py"), "--model", str(fused_path), "--count", str(n),
+             "--threads", str(s.threads)],
+            capture_output=True, text=True, check=True, cwd=BENCHES,
+        )
+        theirs[n] = json.loads(out.stdout.strip().splitlines()[-1])
+
+    # slope between the two largest counts: with no adapter nothing runs, so the backbone's
+    # own first-run memory would otherwise be charged to the adapters
+    lo, hi = sorted(s.adapter_counts)[-2:]
+    per_adapter = {k: (ours[hi][k] - ours[lo][k]) / (hi - lo) for k in ("loaded", "warm")}
+    flo, fhi = min(s.full_model_counts), max(s.full_model_counts)
+    per_model = {k: (theirs[fhi][k] - theirs[flo][k]) / (fhi - flo) for k in ("loaded", "warm")}
+    rows = [[f"fptserve: backbone + {n} adapters", mib(ours[n]["loaded"]), mib(ours[n]["warm"])]
+            for n in s.adapter_counts]
+    rows += [[f"one model per task: {n} fused models", mib(theirs[n]["loaded"]), mib(theirs[n]["warm"])]
+             for n in s.full_model_counts]
+    tasks = hi
+    fused_at = {k: theirs[flo][k] + (tasks - flo) * per_model[k] for k in ("loaded", "warm")}
+    md = f"""\
+Resident set size (VmRSS) of the serving process: fptserve with {t.backbone_name} and N copies of
+the {t.task} adapter (each its own ONNX Runtime session), against a Python process holding N fused
+models (one ONNX Runtime session each) as a one-model-per-task server would. "Loaded" is after
+start-up; "warm" after every task has answered once (working memory is allocated on first run;
+with no adapter nothing has run).
+Files: backbone.onnx {mib(backbone_bytes)} MiB, side.onnx {side_bytes / 1024:.0f} KiB.
+
+{table(["process", "loaded, MiB", "warm, MiB"], rows)}
+
+- Per added adapter (fptserve, slope from {lo} to {hi}): **{per_adapter['loaded'] / 1024:.0f} KiB loaded,
+  {per_adapter['warm'] / 1024:.0f} KiB warm**, against {side_bytes / 1024:.0f} KiB of side.onnx
+  ({per_adapter['warm'] / side_bytes:.2f}x the file).
+- Per added fused model (slope from {flo} to {fhi}): {mib(per_model['loaded'])} MiB loaded, {mib(per_model['warm'])} MiB warm.
+- {tasks} tasks, extrapolated for one model per task: {mib(fused_at['warm'])} MiB warm, against fptserve's
+  measured {mib(ours[hi]['warm'])} MiB: **{fused_at['warm'] / ours[hi]['warm']:.1f}x less memory** for fptserve.
+"""
+    raw = {"fptserve": ours, "fused": theirs, "per_adapter_bytes": per_adapter, "per_fused_model_bytes": per_model,
+           "side_onnx_bytes": side_bytes, "backbone_onnx_bytes": backbone_bytes}
+    return Section("3. Memory", md, raw)
+
+
+# --------------------------------------------------------------------------------------------
+# case 4: decode and preprocess per transfer syntax
+# --------------------------------------------------------------------------------------------
+
+
+def decode_preprocess(s: Settings) -> Section:
+    t = s.template
+    pre = t.manifest["preprocessing"]
+    sizes = sorted({pre["backbone_size"][0], pre["side_size"][0]}, reverse=True)
+
+    def python_path(blob: bytes) -> tuple[float, float]:
+        start = time.perf_counter()
+        rgb = peer.decode_display(blob)
+        decoded = time.perf_counter()
+        for size in sizes:
+            peer.preprocess(rgb, size, pre["mean"], pre["std"])
+        return decoded - start, time.perf_counter() - decoded
+
+    rows, raw = [], {}
+    with Fptserve(s.binary, t.repository, s.threads) as server:
+        client = Client(server.addr, s.stubs)
+        for syntax in data.SYNTAXES:
+            blob = data.dicom_file(s.work, s.decode_size, syntax).read_bytes()
+            warm(lambda: (client.classify(blob, [t.spec]), python_path(blob)), s.warmup)
+            timings = block(lambda: client.classify(blob, [t.spec]).timings, s.repeats)
+            ours_d = [x.decode_ms / 1e3 for x in timings]
+            ours_p = [x.preprocess_ms / 1e3 for x in timings]
+            python = block(lambda: python_path(blob), s.repeats)
+            py_d = [d for d, _ in python]
+            py_p = [p for _, p in python]
+            ours_total = stats([a + b for a, b in zip(ours_d, ours_p)])
+            py_total = stats([a + b for a, b in zip(py_d, py_p)])
+            speedup = py_total["median"] / ours_total["median"]
+            raw[syntax.name] = {"uid": syntax.uid, "bytes": len(blob), "fptserve_decode": ours_d,
+                                "fptserve_preprocess": ours_p, "python_decode": py_d, "python_preprocess": py_p,
+                                "speedup": speedup}
+            rows.append([syntax.name, f"{len(blob) / MiB:.1f}", ms(stats(ours_d)), ms(stats(ours_p)), ms(ours_total),
+                         ms(stats(py_d)), ms(stats(py_p)), ms(py_total), f"**{speedup:.2f}**"])
+        client.close()
+    md = f"""\
+{s.decode_size}x{s.decode_size} MONOCHROME2 images (12 bits stored; the JPEG Baseline file 8 bits), made
+by dcmtk, GDCM and OpenJPH, decoded and prepared for {t.spec}: window from the header to 8 bits, RGB,
+resizes to {" and ".join(f"{x}x{x}" for x in sizes)}, normalised. fptserve's times are its own stage
+timings from the Classify response (decode = parse and decompress; preprocess = window, resizes,
+normalisation). The peer is pydicom {pydicom.__version__} with its pylibjpeg / GDCM plugins, numpy and PIL
+in this process, starting from the same bytes (decode = dcmread, pixel_array, window; preprocess =
+PIL resizes, normalisation). {s.repeats} repetitions after {s.warmup} warm-up; ms, median (min–max).
+
+{table(["transfer syntax", "MiB", "fptserve decode", "fptserve preprocess", "fptserve total",
+        "pydicom decode", "numpy+PIL preprocess", "Python total", "speed-up"], rows)}
+"""
+    return Section("4. Decode and preprocess per transfer syntax", md, raw)
+
+
+# --------------------------------------------------------------------------------------------
+# case 5: throughput under concurrency
+# --------------------------------------------------------------------------------------------
+
+
+def throughput(s: Settings) -> Section:
+    dicom = data.serving_dicom(s.work, s.serving_size).read_bytes()
+    rows, raw = [], {}
+    for label, t, few, many in s.throughput_models:
+        results = {}
+        servers = (("fptserve", lambda: Fptserve(s.binary, t.repository, s.threads)),
+                   ("python peer", lambda: Peer(t.repository, s.threads, workers=max(s.concurrency))))
+        for name, start in servers:
+            with start() as server:
+                client = Client(server.addr, s.stubs)
+                first = client.classify(dicom, [t.spec])
+                results.setdefault("answers", []).append([x.probability for x in first.results[0].scores])
+                for c in s.concurrency:
+                    requests = few if c == 1 else many
+                    client.load(dicom, [t.spec], c, max(c, s.warmup))
+                    rates, latencies = [], []
+                    for _ in range(s.repeats):
+                        wall, lat = client.load(dicom, [t.spec], c, requests)
+                        rates.append(requests / wall)
+                        latencies += lat
+                    results[(name, c)] = {"rate": stats(rates), "p50": percentile(latencies, 50),
+                                          "p99": percentile(latencies, 99), "requests": requests}
+                client.close()
+        a, b = (np.array(x) for x in results.pop("answers"))
+        if np.abs(a - b).max() > 2e-3:
+            raise RuntimeError(f"{label}: fptserve and the Python peer disagree: {a} vs {b}")
+        for c in s.concurrency:
+            ours, theirs = results[("fptserve", c)], results[("python peer", c)]
+            ratio = ours["rate"]["median"] / theirs["rate"]["median"]
+            rows.append([label, str(c), per_s(ours["rate"]), per_s(theirs["rate"]), f"**{ratio:.2f}**",
+                         f"{ours['p50'] * 1e3:.0f} / {ours['p99'] * 1e3:.0f}",
+                         f"{theirs['p50'] * 1e3:.0f} / {theirs['p99'] * 1e3:.0f}"])
+        raw[label] = {f"{k[0]}@{k[1]}": v for k, v in results.items()}
+    md = f"""\
+Requests per second for one task on the {s.serving_size}x{s.serving_size} uncompressed DICOM, from one
+Python gRPC client with C threads each calling in a loop; {s.repeats} runs per cell after warm-up,
+each run N requests (the table's models name N). The peer (benches/peer.py) is the server a typical
+team writes: grpcio with a thread pool of {max(s.concurrency)}, pydicom + plugins, numpy, PIL and ONNX Runtime,
+the same models and intra-op threads ({s.threads}); its probabilities equal fptserve's (checked).
+
+{table(["models", "C", "fptserve req/s", "Python peer req/s", "ratio", "fptserve p50 / p99 ms",
+        "peer p50 / p99 ms"], rows)}
+"""
+    return Section("5. Throughput under concurrency", md, raw)
+
+
+# --------------------------------------------------------------------------------------------
+# case 6: adapter hot swap
+# --------------------------------------------------------------------------------------------
+
+
+def hot_swap(s: Settings) -> Section:
+    md = """\
+Not run: it needs the admin API (LoadAdapter), which does not exist yet (issue 6). Until then a new
+adapter version is picked up by restarting the daemon.
+"""
+    return Section("6. Adapter hot swap", md, {"run": False})
+
+
+CASES = {
+    "1": serving_overhead,
+    "2": many_tasks,
+    "3": memory,
+    "4": decode_preprocess,
+    "5": throughput,
+    "6": hot_swap,
+}

@@ -1,0 +1,121 @@
+"""Model repositories for the benchmarks, derived from an exported one (models/demo or
+models/full) without re-exporting anything:
+
+- `cloned_repository`: the source backbone plus N task adapters, each a copy of one template
+  adapter under its own task name (`task-000`, `task-001`, ...). The copies share one
+  preprocessing, as the paper's tasks do, so one backbone run serves them all. Weights are
+  identical, which changes neither compute nor memory: every adapter is its own ONNX Runtime
+  session either way.
+- `fused_model`: backbone.onnx and side.onnx merged into one graph (pixels in, logits out),
+  which is what a one-model-per-task server runs for each fine-tuned task.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """One task version of a repository, as the benchmarks need it."""
+
+    repository: Path
+    task: str
+    version: str
+    manifest: dict
+
+    @property
+    def folder(self) -> Path:
+        return self.repository / "tasks" / self.task / self.version
+
+    @property
+    def side_onnx(self) -> Path:
+        return self.folder / self.manifest["file"]
+
+    @property
+    def backbone_name(self) -> str:
+        return self.manifest["backbone"]["name"]
+
+    @property
+    def backbone_onnx(self) -> Path:
+        folder = self.repository / "backbones" / self.backbone_name
+        backbone = json.loads((folder / "manifest.json").read_text())
+        return folder / backbone["file"]
+
+    @property
+    def spec(self) -> str:
+        return f"{self.task}@{self.version}"
+
+
+def adapter(repository: Path, task: str, version: str) -> Adapter:
+    folder = repository / "tasks" / task / version
+    return Adapter(repository, task, version, json.loads((folder / "manifest.json").read_text()))
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copyfile(source, target)
+
+
+def clone_name(i: int) -> str:
+    return f"task-{i:03d}"
+
+
+def cloned_repository(work: Path, template: Adapter, count: int) -> Path:
+    """A repository with the template's backbone and `count` copies of the template adapter."""
+    out = work / "repos" / f"{template.backbone_name}-{template.task}-{count}"
+    stamp = out / ".complete"
+    if stamp.exists():
+        return out
+    if out.exists():
+        shutil.rmtree(out)
+    source_backbone = template.repository / "backbones" / template.backbone_name
+    for f in source_backbone.iterdir():
+        _link_or_copy(f, out / "backbones" / template.backbone_name / f.name)
+    (out / "tasks").mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        folder = out / "tasks" / clone_name(i) / "1"
+        manifest = dict(template.manifest, task=clone_name(i), version="1")
+        _link_or_copy(template.side_onnx, folder / template.manifest["file"])
+        (folder / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    stamp.write_text("")
+    return out
+
+
+def fused_model(work: Path, template: Adapter) -> Path:
+    """backbone.onnx + side.onnx as one ONNX graph: inputs `pixel_values` and
+    `side_pixel_values`, output `logits`."""
+    import onnx
+    from onnx import compose
+
+    out = work / "fused" / f"{template.backbone_name}-{template.task}-{template.version}.onnx"
+    if out.exists():
+        return out
+    backbone = onnx.load(str(template.backbone_onnx))
+    side = onnx.load(str(template.side_onnx))
+    side_inputs = {i.name for i in side.graph.input}
+    kv = [o.name for o in backbone.graph.output if o.name in side_inputs]
+    fused = compose.merge_models(
+        backbone, side, io_map=[(name, name) for name in kv], prefix1="backbone.", prefix2="side.",
+        outputs=["side.logits"],
+    )
+    renames = {"backbone.pixel_values": "pixel_values", "side.side_pixel_values": "side_pixel_values",
+               "side.logits": "logits"}
+    for node in fused.graph.node:
+        node.input[:] = [renames.get(n, n) for n in node.input]
+        node.output[:] = [renames.get(n, n) for n in node.output]
+    for value in list(fused.graph.input) + list(fused.graph.output):
+        value.name = renames.get(value.name, value.name)
+    onnx.checker.check_model(fused)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.with_suffix(".partial")
+    onnx.save(fused, str(partial))
+    partial.rename(out)
+    return out

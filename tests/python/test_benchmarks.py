@@ -1,0 +1,40 @@
+"""The benchmark harness in quick mode (benches/run.py --quick): every case runs once against
+its peer on the demo models. Timings are not judged here (they belong in BENCHMARKS.md, as
+ratios); what must hold is that every case runs, that fptserve and each peer gave the same
+answers (the harness stops with an error otherwise) and that the report names every case."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+BINARY = Path(os.environ.get("FPTSERVE_BIN", ROOT / "target" / "debug" / "fptserve"))
+
+
+def test_quick_benchmarks_run_every_case(tmp_path):
+    out = tmp_path / "BENCHMARKS.md"
+    work = ROOT / "target" / "bench-quick"
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benches" / "run.py"), "--quick", "--binary", str(BINARY),
+         "--out", str(out), "--work", str(work)],
+        capture_output=True, text=True, timeout=1200,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    report = out.read_text()
+    for title in ("1. Serving overhead", "2. Many tasks per image", "3. Memory",
+                  "4. Decode and preprocess per transfer syntax", "5. Throughput under concurrency",
+                  "6. Adapter hot swap"):
+        assert f"## {title}" in report
+    assert re.search(r"fptserve / floor: (\d+\.\d+)", report)
+    raw = json.loads((work / "results-quick.json").read_text())
+    # one backbone run serves K tasks: the harness checked backbone_runs == 1 for every K
+    assert sorted(raw["2. Many tasks per image"]) == ["1", "4", "8"]
+    # every transfer syntax of the decode case was decoded by both sides
+    decoded = raw["4. Decode and preprocess per transfer syntax"]
+    assert len(decoded) == 10 and all(v["fptserve_decode"] and v["python_decode"] for v in decoded.values())
+    # memory grows with adapters, and by less per adapter than per fused model
+    memory = raw["3. Memory"]
+    assert memory["per_adapter_bytes"]["warm"] < memory["per_fused_model_bytes"]["warm"]
