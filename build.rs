@@ -4,7 +4,10 @@
 use std::path::PathBuf;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let protos = ["proto/fptserve/v1/classifier.proto"];
+    let protos = [
+        "proto/fptserve/v1/classifier.proto",
+        "proto/fptserve/v1/admin.proto",
+    ];
     for proto in &protos {
         println!("cargo:rerun-if-changed={proto}");
     }

@@ -91,6 +91,19 @@ pub struct ServeArgs {
     /// Largest decoded frame in bytes [default: 2147483648 = 2 GiB].
     #[arg(long, env = "FPTSERVE_MAX_FRAME_BYTES")]
     pub max_frame_bytes: Option<u64>,
+    /// Admin API (LoadAdapter, ...) listen address, or "off" [default: 127.0.0.1:50052].
+    #[arg(long, env = "FPTSERVE_ADMIN_LISTEN")]
+    pub admin_listen: Option<String>,
+    /// File holding the bearer token the admin API requires [default: none required].
+    #[arg(long, env = "FPTSERVE_ADMIN_TOKEN_FILE")]
+    pub admin_token_file: Option<PathBuf>,
+    /// Folder outside the repository that LoadAdapter may read from; repeat for several.
+    #[arg(
+        long = "admin-allow-root",
+        env = "FPTSERVE_ADMIN_ALLOW_ROOTS",
+        value_delimiter = ','
+    )]
+    pub admin_allow_roots: Vec<PathBuf>,
 }
 
 /// `fptserve classify`.
@@ -138,6 +151,9 @@ struct FileConfig {
     max_pixels: Option<u64>,
     max_frames: Option<u32>,
     max_frame_bytes: Option<u64>,
+    admin_listen: Option<String>,
+    admin_token_file: Option<PathBuf>,
+    admin_allow_roots: Option<Vec<PathBuf>>,
 }
 
 /// Settings shared by `serve` and `classify`.
@@ -166,6 +182,29 @@ pub struct ServeConfig {
     pub grpc: GrpcSettings,
     /// Decode limits.
     pub limits: Limits,
+    /// The admin API, if enabled.
+    pub admin: Option<AdminConfig>,
+}
+
+/// The admin API's listener and access.
+#[derive(Clone)]
+pub struct AdminConfig {
+    /// Where it listens.
+    pub listen: SocketAddr,
+    /// The bearer token it requires, if any.
+    pub token: Option<String>,
+    /// Folders besides the repository that LoadAdapter may read.
+    pub allow_roots: Vec<PathBuf>,
+}
+
+impl std::fmt::Debug for AdminConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AdminConfig")
+            .field("listen", &self.listen)
+            .field("token", &self.token.as_ref().map(|_| "<set>"))
+            .field("allow_roots", &self.allow_roots)
+            .finish()
+    }
 }
 
 /// A setting that does not validate.
@@ -286,12 +325,45 @@ impl ServeArgs {
                 "max_pixels, max_frames and max_frame_bytes must be at least 1".into(),
             ));
         }
+        let admin_listen = self
+            .admin_listen
+            .or(file.admin_listen)
+            .unwrap_or_else(|| "127.0.0.1:50052".into());
+        let admin = match admin_listen.as_str() {
+            "off" | "" => None,
+            a => {
+                let token = match self.admin_token_file.or(file.admin_token_file) {
+                    Some(path) => {
+                        let text = std::fs::read_to_string(&path).map_err(|e| {
+                            ConfigError(format!("admin_token_file {}: {e}", path.display()))
+                        })?;
+                        let token = text.trim().to_string();
+                        if token.is_empty() {
+                            return Err(ConfigError(format!(
+                                "admin_token_file {} is empty",
+                                path.display()
+                            )));
+                        }
+                        Some(token)
+                    }
+                    None => None,
+                };
+                let mut allow_roots = self.admin_allow_roots;
+                allow_roots.extend(file.admin_allow_roots.unwrap_or_default());
+                Some(AdminConfig {
+                    listen: address("admin_listen", a)?,
+                    token,
+                    allow_roots,
+                })
+            }
+        };
         Ok(ServeConfig {
             models,
             grpc_listen,
             metrics_listen,
             grpc,
             limits,
+            admin,
         })
     }
 }

@@ -304,6 +304,7 @@ impl Engine {
             timings.adapters_ms += elapsed;
             metrics::stage("adapter", elapsed);
 
+            adapter.record_use();
             let probabilities = softmax(&logits);
             let scores: Vec<ClassScore> = adapter
                 .classes()

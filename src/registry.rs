@@ -3,16 +3,18 @@
 //! A request loads the current snapshot once and uses it to the end, so it sees one
 //! consistent set of adapters; an adapter version stays alive (it is an `Arc`) for as
 //! long as a request holds it, even after a newer snapshot drops it. The snapshot sits in
-//! an `ArcSwap` so that replacing it (the admin API, not built yet) is one atomic pointer
-//! swap: the request path takes no lock here.
+//! an `ArcSwap` so that replacing it (the admin API) is one atomic pointer swap: the
+//! request path takes no lock here. Changes are serialised by one mutex that only the
+//! admin side takes; an unloaded or replaced version is remembered (weakly) so operators
+//! can see it drain.
 
 use std::cmp::Ordering;
-use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::{Arc, Mutex, Weak};
 
 use arc_swap::ArcSwap;
 
-use crate::model::adapter::Adapter;
+use crate::model::adapter::{Adapter, AdapterInfo};
 use crate::model::backbone::Backbone;
 
 /// Why a task reference in a request does not resolve.
@@ -88,6 +90,16 @@ pub struct Snapshot {
 impl Snapshot {
     /// Builds a snapshot; each task's default is its newest version.
     pub fn new(backbones: Vec<Arc<Backbone>>, adapters: Vec<Arc<Adapter>>) -> Self {
+        Self::with_defaults(backbones, adapters, &BTreeMap::new())
+    }
+
+    /// Builds a snapshot; a task's default is the version `defaults` names when it is
+    /// loaded, else its newest version.
+    pub fn with_defaults(
+        backbones: Vec<Arc<Backbone>>,
+        adapters: Vec<Arc<Adapter>>,
+        defaults: &BTreeMap<String, String>,
+    ) -> Self {
         let mut grouped: BTreeMap<String, Vec<Arc<Adapter>>> = BTreeMap::new();
         for adapter in adapters {
             grouped
@@ -99,7 +111,10 @@ impl Snapshot {
             .into_iter()
             .map(|(name, mut versions)| {
                 versions.sort_by(|a, b| compare_versions(a.version(), b.version()));
-                let default = versions.len() - 1;
+                let default = defaults
+                    .get(&name)
+                    .and_then(|v| versions.iter().position(|a| a.version() == v))
+                    .unwrap_or(versions.len() - 1);
                 (name, Task { versions, default })
             })
             .collect();
@@ -114,6 +129,20 @@ impl Snapshot {
     /// Loaded tasks by name.
     pub fn tasks(&self) -> &BTreeMap<String, Task> {
         &self.tasks
+    }
+
+    /// Every loaded adapter.
+    pub fn adapters(&self) -> impl Iterator<Item = &Arc<Adapter>> {
+        self.tasks.values().flat_map(|t| t.versions.iter())
+    }
+
+    /// The loaded `task@version`, if any.
+    pub fn adapter(&self, task: &str, version: &str) -> Option<&Arc<Adapter>> {
+        self.tasks
+            .get(task)?
+            .versions
+            .iter()
+            .find(|a| a.version() == version)
     }
 
     /// Resolves `name` (default version) or `name@version`.
@@ -150,9 +179,92 @@ impl Snapshot {
     }
 }
 
+/// Why a change to the loaded set was refused. Nothing changed.
+#[derive(Debug, thiserror::Error)]
+pub enum ChangeError {
+    /// The task version is not loaded.
+    #[error("{task}@{version} is not loaded")]
+    NotLoaded {
+        /// Task name.
+        task: String,
+        /// Version.
+        version: String,
+    },
+    /// The task version is loaded with other bytes and replacing was not asked for.
+    #[error(
+        "{task}@{version} is already loaded with SHA-256 {loaded}; the new one is {new}: \
+         load it under a new version, or set replace to swap it"
+    )]
+    AlreadyLoaded {
+        /// Task name.
+        task: String,
+        /// Version.
+        version: String,
+        /// SHA-256 of the loaded one.
+        loaded: String,
+        /// SHA-256 of the new one.
+        new: String,
+    },
+}
+
+/// What happened to an adapter that left the serving set.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Departure {
+    /// Unloaded by an operator.
+    Unloaded,
+    /// Replaced by other bytes under the same version.
+    Replaced,
+}
+
+/// An adapter that left the serving set; requests that still hold it keep it alive.
+#[derive(Clone)]
+pub struct Retired {
+    /// The adapter while any request still uses it.
+    pub adapter: Weak<Adapter>,
+    /// What it was, kept after it is gone.
+    pub info: AdapterInfo,
+    /// Why it left.
+    pub departure: Departure,
+}
+
+/// A load that failed, as operators see it in ListAdapters.
+#[derive(Clone, Debug)]
+pub struct Failure {
+    /// Task and version, when the manifest said.
+    pub task: String,
+    /// Version.
+    pub version: String,
+    /// Where it was loaded from.
+    pub path: String,
+    /// Why.
+    pub error: String,
+    /// When (Unix ms).
+    pub at_unix_ms: i64,
+}
+
+/// Retired and failed entries kept for ListAdapters.
+const HISTORY: usize = 256;
+
+#[derive(Default)]
+struct Changes {
+    /// Explicit default versions (SetDefaultVersion, LoadAdapter with make_default).
+    defaults: BTreeMap<String, String>,
+    retired: VecDeque<Retired>,
+    failed: VecDeque<Failure>,
+}
+
+/// What an insert did.
+pub struct Inserted {
+    /// The adapter now serving.
+    pub adapter: Arc<Adapter>,
+    /// It replaced other bytes under the same version.
+    pub replaced: bool,
+}
+
 /// Holder of the current snapshot.
 pub struct Registry {
     current: ArcSwap<Snapshot>,
+    changes: Mutex<Changes>,
 }
 
 impl Registry {
@@ -160,12 +272,150 @@ impl Registry {
     pub fn new(snapshot: Snapshot) -> Self {
         Registry {
             current: ArcSwap::from_pointee(snapshot),
+            changes: Mutex::default(),
         }
     }
 
     /// The current snapshot; hold it for the whole request.
     pub fn snapshot(&self) -> Arc<Snapshot> {
         self.current.load_full()
+    }
+
+    fn changes(&self) -> std::sync::MutexGuard<'_, Changes> {
+        // every change below is computed first and published last, so a panic cannot
+        // leave a half-made change behind the lock
+        self.changes.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn publish(&self, changes: &Changes, adapters: Vec<Arc<Adapter>>) {
+        let backbones = self.current.load().backbones.clone();
+        self.current.store(Arc::new(Snapshot::with_defaults(
+            backbones,
+            adapters,
+            &changes.defaults,
+        )));
+    }
+
+    fn retire(changes: &mut Changes, adapter: &Arc<Adapter>, departure: Departure) {
+        if changes.retired.len() == HISTORY {
+            changes.retired.pop_front();
+        }
+        changes.retired.push_back(Retired {
+            adapter: Arc::downgrade(adapter),
+            info: adapter.info(),
+            departure,
+        });
+    }
+
+    /// Publishes a loaded, warmed adapter. The same task version with the same bytes is
+    /// a no-op; with other bytes it replaces the loaded one only when `replace`.
+    pub fn insert(
+        &self,
+        adapter: Arc<Adapter>,
+        make_default: bool,
+        replace: bool,
+    ) -> Result<Inserted, ChangeError> {
+        let mut changes = self.changes();
+        let current = self.snapshot();
+        let (task, version) = (adapter.task().to_string(), adapter.version().to_string());
+        let mut replaced = false;
+        if let Some(loaded) = current.adapter(&task, &version) {
+            if loaded.sha256() == adapter.sha256() {
+                if make_default {
+                    changes.defaults.insert(task, version);
+                    self.publish(&changes, current.adapters().cloned().collect());
+                }
+                return Ok(Inserted {
+                    adapter: loaded.clone(),
+                    replaced: false,
+                });
+            }
+            if !replace {
+                return Err(ChangeError::AlreadyLoaded {
+                    task,
+                    version,
+                    loaded: loaded.sha256().to_string(),
+                    new: adapter.sha256().to_string(),
+                });
+            }
+            Self::retire(&mut changes, loaded, Departure::Replaced);
+            replaced = true;
+        }
+        if make_default {
+            changes.defaults.insert(task.clone(), version.clone());
+        }
+        let adapters = current
+            .adapters()
+            .filter(|a| !(a.task() == task && a.version() == version))
+            .cloned()
+            .chain([adapter.clone()])
+            .collect();
+        self.publish(&changes, adapters);
+        Ok(Inserted { adapter, replaced })
+    }
+
+    /// Stops new requests from using `task@version`; running ones finish on it.
+    pub fn remove(&self, task: &str, version: &str) -> Result<Arc<Adapter>, ChangeError> {
+        let mut changes = self.changes();
+        let current = self.snapshot();
+        let Some(adapter) = current.adapter(task, version).cloned() else {
+            return Err(ChangeError::NotLoaded {
+                task: task.into(),
+                version: version.into(),
+            });
+        };
+        if changes.defaults.get(task).is_some_and(|v| v == version) {
+            changes.defaults.remove(task);
+        }
+        Self::retire(&mut changes, &adapter, Departure::Unloaded);
+        let adapters = current
+            .adapters()
+            .filter(|a| !Arc::ptr_eq(a, &adapter))
+            .cloned()
+            .collect();
+        self.publish(&changes, adapters);
+        Ok(adapter)
+    }
+
+    /// Makes `task@version` the version requests naming only the task get. Returns the
+    /// previous default version.
+    pub fn set_default(&self, task: &str, version: &str) -> Result<String, ChangeError> {
+        let mut changes = self.changes();
+        let current = self.snapshot();
+        let not_loaded = || ChangeError::NotLoaded {
+            task: task.into(),
+            version: version.into(),
+        };
+        let previous = current
+            .tasks
+            .get(task)
+            .ok_or_else(not_loaded)?
+            .default_version()
+            .version()
+            .to_string();
+        current.adapter(task, version).ok_or_else(not_loaded)?;
+        changes.defaults.insert(task.into(), version.into());
+        self.publish(&changes, current.adapters().cloned().collect());
+        Ok(previous)
+    }
+
+    /// Records a failed load for ListAdapters.
+    pub fn record_failure(&self, failure: Failure) {
+        let mut changes = self.changes();
+        if changes.failed.len() == HISTORY {
+            changes.failed.pop_front();
+        }
+        changes.failed.push_back(failure);
+    }
+
+    /// Adapters that left the serving set, oldest first (the newest `HISTORY`).
+    pub fn retired(&self) -> Vec<Retired> {
+        self.changes().retired.iter().cloned().collect()
+    }
+
+    /// Failed loads, oldest first (the newest `HISTORY`).
+    pub fn failures(&self) -> Vec<Failure> {
+        self.changes().failed.iter().cloned().collect()
     }
 }
 

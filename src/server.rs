@@ -8,8 +8,10 @@ use tokio::net::TcpListener;
 use tonic::transport::server::TcpIncoming;
 
 use crate::engine::Engine;
+use crate::grpc::admin::{AdminService, BearerToken};
 use crate::grpc::classifier::ClassifierService;
 use crate::proto;
+use crate::proto::v1::admin_server::AdminServer;
 use crate::proto::v1::classifier_server::ClassifierServer;
 
 /// HTTP/2 flow-control window per call: a 2048x2048 16-bit DICOM (8 MiB) arrives in one window.
@@ -96,6 +98,31 @@ pub async fn run(
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(classifier)
+        .serve_with_incoming_shutdown(incoming, shutdown)
+        .await
+}
+
+/// Serves the admin API (and reflection, for grpcurl) on its own listener until `shutdown`.
+pub async fn run_admin(
+    service: AdminService,
+    token: BearerToken,
+    max_message_bytes: usize,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), tonic::transport::Error> {
+    let admin = AdminServer::new(service)
+        .max_decoding_message_size(max_message_bytes)
+        .max_encoding_message_size(max_message_bytes);
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .expect("embedded descriptor set is valid");
+    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    tonic::transport::Server::builder()
+        .add_service(tonic::service::interceptor::InterceptedService::new(
+            admin, token,
+        ))
+        .add_service(reflection)
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await
 }

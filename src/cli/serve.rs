@@ -6,13 +6,14 @@ use anyhow::Context;
 
 use crate::config::ServeConfig;
 use crate::engine::Engine;
+use crate::grpc::admin::{AdminService, AllowedRoots, BearerToken};
 use crate::registry::Registry;
 use crate::{metrics, server};
 
 /// Runs the daemon.
 pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
     let models = config.models.clone();
-    let (_runtime, loaded) = tokio::task::spawn_blocking(move || super::load_models(&models))
+    let (runtime, loaded) = tokio::task::spawn_blocking(move || super::load_models(&models))
         .await
         .context("loading models")??;
     let adapters: usize = loaded
@@ -42,10 +43,41 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(config.grpc_listen)
         .await
         .with_context(|| format!("binding gRPC on {}", config.grpc_listen))?;
-    let engine = Arc::new(Engine::new(
-        Arc::new(Registry::new(loaded.snapshot)),
-        config.limits,
-    ));
+    let registry = Arc::new(Registry::new(loaded.snapshot));
+    let engine = Arc::new(Engine::new(registry.clone(), config.limits));
+
+    // one shutdown signal for both listeners
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let until_stopped = move || {
+        let mut stopped = stopped.clone();
+        async move {
+            let _ = stopped.wait_for(|s| *s).await;
+        }
+    };
+    let admin = match &config.admin {
+        Some(admin) => {
+            let admin_listener = tokio::net::TcpListener::bind(admin.listen)
+                .await
+                .with_context(|| format!("binding the admin API on {}", admin.listen))?;
+            let roots = AllowedRoots::new(&config.models.repository, &admin.allow_roots)
+                .context("resolving the repository and admin_allow_roots")?;
+            tracing::info!(
+                addr = %admin_listener.local_addr()?,
+                token = admin.token.is_some(),
+                "admin API listening"
+            );
+            let service = AdminService::new(registry.clone(), runtime.clone(), roots);
+            let token = BearerToken(admin.token.as_deref().map(Arc::from));
+            Some(tokio::spawn(server::run_admin(
+                service,
+                token,
+                config.grpc.max_message_bytes,
+                admin_listener,
+                until_stopped(),
+            )))
+        }
+        None => None,
+    };
     tracing::info!(
         addr = %listener.local_addr()?,
         repository = %config.models.repository.display(),
@@ -53,7 +85,14 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
         skipped = loaded.failures.len(),
         "serving"
     );
-    server::run(engine, config.grpc, listener, shutdown_signal()).await?;
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        let _ = stop.send(true);
+    });
+    server::run(engine, config.grpc, listener, until_stopped()).await?;
+    if let Some(admin) = admin {
+        admin.await.context("admin API task")??;
+    }
     tracing::info!("stopped");
     Ok(())
 }

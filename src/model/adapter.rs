@@ -3,6 +3,8 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use ort::value::TensorRef;
 
@@ -18,6 +20,43 @@ pub struct Adapter {
     dir: PathBuf,
     backbone: Arc<Backbone>,
     model: Model,
+    model_bytes: u64,
+    loaded_unix_ms: i64,
+    load_ms: f64,
+    served: AtomicU64,
+    last_used_unix_ms: AtomicI64,
+}
+
+/// What operators see of an adapter (ListAdapters); plain data, kept after it is unloaded.
+#[derive(Clone, Debug)]
+pub struct AdapterInfo {
+    /// Task name.
+    pub task: String,
+    /// Version.
+    pub version: String,
+    /// SHA-256 of its ONNX file.
+    pub sha256: String,
+    /// Backbone name and SHA-256.
+    pub backbone: (String, String),
+    /// Folder it was loaded from.
+    pub path: PathBuf,
+    /// Size of its ONNX model.
+    pub model_bytes: u64,
+    /// Loading, checking and warming took this long.
+    pub load_ms: f64,
+    /// When it was loaded (Unix ms).
+    pub loaded_unix_ms: i64,
+    /// Last request that used it (Unix ms, 0 = none).
+    pub last_used_unix_ms: i64,
+    /// Requests it answered.
+    pub requests_served: u64,
+}
+
+/// Now, in Unix milliseconds.
+pub fn unix_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
 }
 
 impl Adapter {
@@ -28,6 +67,7 @@ impl Adapter {
         runtime: &Runtime,
         backbones: &[Arc<Backbone>],
     ) -> Result<Self, ModelError> {
+        let started = Instant::now();
         let manifest = AdapterManifest::read(dir)?;
         let backbone = match backbones.iter().find(|b| b.identity() == manifest.backbone) {
             Some(b) => b.clone(),
@@ -65,12 +105,58 @@ impl Adapter {
             &manifest.outputs,
             Memory::Shared,
         )?;
+        let model_bytes = std::fs::metadata(dir.join(&manifest.file)).map_or(0, |m| m.len());
         Ok(Adapter {
             manifest,
             dir: dir.to_path_buf(),
             backbone,
             model,
+            model_bytes,
+            loaded_unix_ms: unix_ms(),
+            load_ms: started.elapsed().as_secs_f64() * 1e3,
+            served: AtomicU64::new(0),
+            last_used_unix_ms: AtomicI64::new(0),
         })
+    }
+
+    /// Runs it once on `features` (from a backbone warm-up), so that the first request
+    /// does not pay ONNX Runtime's first-run set-up; adds the time to its load time.
+    pub fn warm(mut self, features: &Features) -> Result<Self, ModelError> {
+        let started = Instant::now();
+        let [h, w] = self.manifest.preprocessing.side_size.map(|v| v as usize);
+        self.run(&vec![0.0; 3 * h * w], features)?;
+        self.load_ms += started.elapsed().as_secs_f64() * 1e3;
+        Ok(self)
+    }
+
+    /// Counts one request it answered.
+    pub fn record_use(&self) {
+        self.served.fetch_add(1, Ordering::Relaxed);
+        self.last_used_unix_ms.store(unix_ms(), Ordering::Relaxed);
+    }
+
+    /// SHA-256 of its ONNX file.
+    pub fn sha256(&self) -> &str {
+        &self.manifest.sha256
+    }
+
+    /// What operators see of it.
+    pub fn info(&self) -> AdapterInfo {
+        AdapterInfo {
+            task: self.task().to_string(),
+            version: self.version().to_string(),
+            sha256: self.sha256().to_string(),
+            backbone: (
+                self.manifest.backbone.name.clone(),
+                self.manifest.backbone.sha256.clone(),
+            ),
+            path: self.dir.clone(),
+            model_bytes: self.model_bytes,
+            load_ms: self.load_ms,
+            loaded_unix_ms: self.loaded_unix_ms,
+            last_used_unix_ms: self.last_used_unix_ms.load(Ordering::Relaxed),
+            requests_served: self.served.load(Ordering::Relaxed),
+        }
     }
 
     /// The manifest it was loaded from.

@@ -3,6 +3,7 @@
 //! preprocessing agrees.
 
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 use ort::value::{DynValue, Tensor};
 
@@ -16,6 +17,7 @@ pub struct Backbone {
     dir: PathBuf,
     model: Model,
     input_size: [usize; 2],
+    warm: Mutex<Option<Arc<Features>>>,
 }
 
 /// The K/V a backbone run produced for one image, kept in ONNX Runtime values so they
@@ -52,7 +54,21 @@ impl Backbone {
             dir: dir.to_path_buf(),
             model,
             input_size,
+            warm: Mutex::new(None),
         })
+    }
+
+    /// Features of an all-zero image, computed once: what newly loaded adapters are warmed
+    /// with, so loading one costs a side-network run, not a backbone run.
+    pub fn warm_features(&self) -> Result<Arc<Features>, ModelError> {
+        let mut slot = self.warm.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(features) = &*slot {
+            return Ok(features.clone());
+        }
+        let [h, w] = self.input_size;
+        let features = Arc::new(self.run(vec![0.0; 3 * h * w])?);
+        *slot = Some(features.clone());
+        Ok(features)
     }
 
     /// Name and digest.

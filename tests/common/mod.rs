@@ -8,6 +8,8 @@ use std::sync::Arc;
 
 use fptserve::decode::Limits;
 use fptserve::engine::Engine;
+use fptserve::grpc::admin::{AdminService, AllowedRoots, BearerToken};
+use fptserve::proto::v1::admin_client::AdminClient;
 use fptserve::proto::v1::classifier_client::ClassifierClient;
 use fptserve::registry::Registry;
 use fptserve::repository::{self, LoadFailure};
@@ -58,6 +60,8 @@ pub struct TestServer {
     pub addr: SocketAddr,
     /// Models skipped at load.
     pub failures: Vec<LoadFailure>,
+    /// Where the admin API listens, when started with it.
+    pub admin_addr: Option<SocketAddr>,
     shutdown: Option<oneshot::Sender<()>>,
 }
 
@@ -91,8 +95,61 @@ impl TestServer {
         TestServer {
             addr,
             failures: loaded.failures,
+            admin_addr: None,
             shutdown: Some(tx),
         }
+    }
+
+    /// Starts the server and the admin API over `repository`; the admin API requires
+    /// `token` when given.
+    pub async fn start_with_admin(repository: &Path, token: Option<&str>) -> Self {
+        let runtime = runtime();
+        let loaded = repository::load(repository, &runtime).expect("repository loads");
+        let registry = Arc::new(Registry::new(loaded.snapshot));
+        let engine = Arc::new(Engine::new(registry.clone(), Limits::default()));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let admin_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let admin_addr = admin_listener.local_addr().unwrap();
+        let roots = AllowedRoots::new(repository, &[]).expect("repository resolves");
+        let service = AdminService::new(registry, runtime, roots);
+        let (tx, rx) = oneshot::channel::<()>();
+        let (admin_tx, admin_rx) = oneshot::channel::<()>();
+        tokio::spawn(async move {
+            server::run(engine, GrpcSettings::default(), listener, async {
+                let _ = rx.await;
+                let _ = admin_tx.send(());
+            })
+            .await
+            .expect("server runs");
+        });
+        let token = BearerToken(token.map(Arc::from));
+        tokio::spawn(async move {
+            server::run_admin(service, token, 64 << 20, admin_listener, async {
+                let _ = admin_rx.await;
+            })
+            .await
+            .expect("admin API runs");
+        });
+        TestServer {
+            addr,
+            failures: loaded.failures,
+            admin_addr: Some(admin_addr),
+            shutdown: Some(tx),
+        }
+    }
+
+    /// A connected admin client (the server must have been started with the admin API).
+    pub async fn admin(&self) -> AdminClient<Channel> {
+        let addr = self.admin_addr.expect("started with the admin API");
+        let channel = Channel::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .connect()
+            .await
+            .expect("connects");
+        AdminClient::new(channel)
+            .max_decoding_message_size(64 << 20)
+            .max_encoding_message_size(64 << 20)
     }
 
     /// Starts the server over the demo repository with default settings.
@@ -157,4 +214,18 @@ pub struct Case {
 /// Loads the reference numbers.
 pub fn reference() -> Reference {
     serde_json::from_slice(&fixture("reference.json")).expect("reference.json parses")
+}
+
+/// Copies a folder tree (a model repository into a temporary folder, say).
+pub fn copy_tree(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_tree(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), &target).unwrap();
+        }
+    }
 }

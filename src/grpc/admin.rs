@@ -1,0 +1,382 @@
+//! `fptserve.v1.Admin`: loading, unloading and choosing task adapter versions while the
+//! Classifier keeps serving. Every change is checked completely before it is published
+//! (manifest, digest, backbone identity and shapes, graph interface, one warm-up run), and
+//! a refused change leaves the serving set as it was.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use tonic::{Request, Response, Status};
+
+use crate::model::ModelError;
+use crate::model::adapter::{Adapter, AdapterInfo, unix_ms};
+use crate::proto::v1 as pb;
+use crate::proto::v1::admin_server::Admin;
+use crate::registry::{ChangeError, Departure, Failure, Registry};
+use crate::repository::manifest::{AdapterManifest, MANIFEST_FILE};
+use crate::runtime::Runtime;
+
+/// Where LoadAdapter may read from: the model repository, plus any extra roots.
+#[derive(Clone, Debug)]
+pub struct AllowedRoots {
+    repository: PathBuf,
+    roots: Vec<PathBuf>,
+}
+
+impl AllowedRoots {
+    /// The repository and `extra` roots; each is resolved (links, `..`) once here.
+    pub fn new(repository: &Path, extra: &[PathBuf]) -> std::io::Result<Self> {
+        let repository = repository.canonicalize()?;
+        let mut roots = vec![repository.clone()];
+        for root in extra {
+            roots.push(root.canonicalize()?);
+        }
+        Ok(AllowedRoots { repository, roots })
+    }
+
+    /// The folder `path` names, after following links: relative paths are inside the
+    /// repository. Anything outside every root is PERMISSION_DENIED.
+    pub fn resolve(&self, path: &str) -> Result<PathBuf, Status> {
+        if path.is_empty() {
+            return Err(Status::invalid_argument(
+                "give path (a folder with manifest.json) or manifest_json and onnx",
+            ));
+        }
+        let joined = self.repository.join(path);
+        let real = joined.canonicalize().map_err(|e| {
+            Status::not_found(format!(
+                "{path}: {e} (relative paths are inside the model repository)"
+            ))
+        })?;
+        if !self.roots.iter().any(|root| real.starts_with(root)) {
+            return Err(Status::permission_denied(format!(
+                "{path} resolves to {}, outside the model repository and the allowed roots",
+                real.display()
+            )));
+        }
+        Ok(real)
+    }
+}
+
+/// The Admin service.
+pub struct AdminService {
+    registry: Arc<Registry>,
+    runtime: Arc<Runtime>,
+    roots: AllowedRoots,
+    /// Loads in progress, for ListAdapters.
+    loading: Arc<Mutex<BTreeMap<u64, AdapterInfo>>>,
+}
+
+impl AdminService {
+    /// Manages `registry`, creating sessions with `runtime`.
+    pub fn new(registry: Arc<Registry>, runtime: Arc<Runtime>, roots: AllowedRoots) -> Self {
+        AdminService {
+            registry,
+            runtime,
+            roots,
+            loading: Arc::default(),
+        }
+    }
+}
+
+/// A ModelError as an admin status: each kind of bad adapter gets its own code.
+fn load_status(e: &ModelError) -> Status {
+    let message = e.to_string();
+    match e {
+        ModelError::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound => {
+            Status::not_found(message)
+        }
+        ModelError::Digest { .. } => Status::data_loss(message),
+        ModelError::Incompatible { .. } => Status::failed_precondition(message),
+        ModelError::Inference { .. } => Status::internal(message),
+        _ => Status::invalid_argument(message),
+    }
+}
+
+fn change_status(e: ChangeError) -> Status {
+    match e {
+        ChangeError::NotLoaded { .. } => Status::not_found(e.to_string()),
+        ChangeError::AlreadyLoaded { .. } => Status::already_exists(e.to_string()),
+    }
+}
+
+fn status(info: &AdapterInfo, state: pb::AdapterState, is_default: bool) -> pb::AdapterStatus {
+    pb::AdapterStatus {
+        task: info.task.clone(),
+        version: info.version.clone(),
+        state: state as i32,
+        sha256: info.sha256.clone(),
+        backbone: info.backbone.0.clone(),
+        backbone_sha256: info.backbone.1.clone(),
+        bytes: info.model_bytes,
+        load_ms: info.load_ms,
+        loaded_unix_ms: info.loaded_unix_ms,
+        last_used_unix_ms: info.last_used_unix_ms,
+        requests_served: info.requests_served,
+        pinned: false,
+        is_default,
+        error: String::new(),
+        path: info.path.display().to_string(),
+    }
+}
+
+/// An uploaded adapter, written to a private folder for the loader and removed after.
+struct Upload(PathBuf);
+
+impl Upload {
+    fn write(manifest_json: &str, onnx: &[u8]) -> Result<Self, Status> {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let manifest: AdapterManifest = serde_json::from_str(manifest_json)
+            .map_err(|e| Status::invalid_argument(format!("manifest_json: {e}")))?;
+        if manifest.file.contains(['/', '\\']) || manifest.file.starts_with('.') {
+            return Err(Status::invalid_argument(format!(
+                "manifest file {:?} must be a plain file name",
+                manifest.file
+            )));
+        }
+        let dir = std::env::temp_dir().join(format!(
+            "fptserve-upload-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
+        let write = || -> std::io::Result<()> {
+            std::fs::create_dir_all(&dir)?;
+            std::fs::write(dir.join(MANIFEST_FILE), manifest_json)?;
+            std::fs::write(dir.join(&manifest.file), onnx)
+        };
+        write().map_err(|e| Status::internal(format!("keeping the upload: {e}")))?;
+        Ok(Upload(dir))
+    }
+}
+
+impl Drop for Upload {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+#[tonic::async_trait]
+impl Admin for AdminService {
+    async fn load_adapter(
+        &self,
+        request: Request<pb::LoadAdapterRequest>,
+    ) -> Result<Response<pb::LoadAdapterResponse>, Status> {
+        let r = request.into_inner();
+        let uploaded = !r.onnx.is_empty() || !r.manifest_json.is_empty();
+        let (dir, upload) = if uploaded {
+            if !r.path.is_empty() {
+                return Err(Status::invalid_argument(
+                    "give either path or manifest_json with onnx, not both",
+                ));
+            }
+            let upload = Upload::write(&r.manifest_json, &r.onnx)?;
+            (upload.0.clone(), Some(upload))
+        } else {
+            (self.roots.resolve(&r.path)?, None)
+        };
+        let shown = if uploaded {
+            "(uploaded)".to_string()
+        } else {
+            r.path.clone()
+        };
+
+        let registry = self.registry.clone();
+        let runtime = self.runtime.clone();
+        let loading = self.loading.clone();
+        let outcome = tokio::task::spawn_blocking(move || {
+            let _upload = upload;
+            // Known task/version while loading, when the manifest reads.
+            static NEXT: AtomicU64 = AtomicU64::new(0);
+            let id = NEXT.fetch_add(1, Ordering::Relaxed);
+            let named = AdapterManifest::read(&dir).ok();
+            if let Some(m) = &named {
+                let info = AdapterInfo {
+                    task: m.task.clone(),
+                    version: m.version.clone(),
+                    sha256: m.sha256.clone(),
+                    backbone: (m.backbone.name.clone(), m.backbone.sha256.clone()),
+                    path: dir.clone(),
+                    model_bytes: 0,
+                    load_ms: 0.0,
+                    loaded_unix_ms: unix_ms(),
+                    last_used_unix_ms: 0,
+                    requests_served: 0,
+                };
+                lock(&loading).insert(id, info);
+            }
+            let backbones = registry.snapshot().backbones().to_vec();
+            let result = Adapter::load(&dir, &runtime, &backbones).and_then(|adapter| {
+                let features = adapter.backbone().warm_features()?;
+                adapter.warm(&features)
+            });
+            lock(&loading).remove(&id);
+            (result, named)
+        })
+        .await
+        .map_err(|e| Status::internal(format!("loading task panicked: {e}")))?;
+
+        let adapter = match outcome {
+            (Ok(adapter), _) => adapter,
+            (Err(e), named) => {
+                let (task, version) = named.map(|m| (m.task, m.version)).unwrap_or_default();
+                tracing::warn!(path = %shown, %task, %version, error = %e, "adapter load refused");
+                self.registry.record_failure(Failure {
+                    task,
+                    version,
+                    path: shown,
+                    error: e.to_string(),
+                    at_unix_ms: unix_ms(),
+                });
+                return Err(load_status(&e));
+            }
+        };
+        let inserted = self
+            .registry
+            .insert(Arc::new(adapter), r.make_default, r.replace)
+            .map_err(change_status)?;
+        let info = inserted.adapter.info();
+        tracing::info!(
+            task = %info.task,
+            version = %info.version,
+            sha256 = %crate::repository::manifest::short(&info.sha256),
+            replaced = inserted.replaced,
+            load_ms = info.load_ms,
+            "adapter loaded"
+        );
+        let is_default = self.is_default(&info.task, &info.version);
+        Ok(Response::new(pb::LoadAdapterResponse {
+            adapter: Some(status(&info, pb::AdapterState::Ready, is_default)),
+            replaced: inserted.replaced,
+        }))
+    }
+
+    async fn unload_adapter(
+        &self,
+        request: Request<pb::UnloadAdapterRequest>,
+    ) -> Result<Response<pb::UnloadAdapterResponse>, Status> {
+        let r = request.into_inner();
+        let adapter = self
+            .registry
+            .remove(&r.task, &r.version)
+            .map_err(change_status)?;
+        tracing::info!(task = %r.task, version = %r.version, "adapter unloaded");
+        // this call's handle is one; any other is a request still running on it
+        let state = if Arc::strong_count(&adapter) > 1 {
+            pb::AdapterState::Draining
+        } else {
+            pb::AdapterState::Unloaded
+        };
+        Ok(Response::new(pb::UnloadAdapterResponse {
+            adapter: Some(status(&adapter.info(), state, false)),
+        }))
+    }
+
+    async fn list_adapters(
+        &self,
+        _request: Request<pb::ListAdaptersRequest>,
+    ) -> Result<Response<pb::ListAdaptersResponse>, Status> {
+        let snapshot = self.registry.snapshot();
+        let mut adapters: Vec<pb::AdapterStatus> = Vec::new();
+        for (name, task) in snapshot.tasks() {
+            let default = task.default_version().version();
+            for adapter in task.versions() {
+                let is_default = adapter.version() == default;
+                adapters.push(status(
+                    &adapter.info(),
+                    pb::AdapterState::Ready,
+                    is_default && adapter.task() == name,
+                ));
+            }
+        }
+        for info in lock(&self.loading).values() {
+            adapters.push(status(info, pb::AdapterState::Loading, false));
+        }
+        for retired in self.registry.retired() {
+            let (info, state) = match retired.adapter.upgrade() {
+                Some(a) => (a.info(), pb::AdapterState::Draining),
+                None => (retired.info.clone(), pb::AdapterState::Unloaded),
+            };
+            let mut s = status(&info, state, false);
+            if retired.departure == Departure::Replaced {
+                s.error = "replaced by other bytes under the same version".into();
+            }
+            adapters.push(s);
+        }
+        for failure in self.registry.failures() {
+            adapters.push(pb::AdapterStatus {
+                task: failure.task,
+                version: failure.version,
+                state: pb::AdapterState::Failed as i32,
+                error: failure.error,
+                path: failure.path,
+                loaded_unix_ms: failure.at_unix_ms,
+                ..Default::default()
+            });
+        }
+        Ok(Response::new(pb::ListAdaptersResponse { adapters }))
+    }
+
+    async fn set_default_version(
+        &self,
+        request: Request<pb::SetDefaultVersionRequest>,
+    ) -> Result<Response<pb::SetDefaultVersionResponse>, Status> {
+        let r = request.into_inner();
+        let previous = self
+            .registry
+            .set_default(&r.task, &r.version)
+            .map_err(change_status)?;
+        tracing::info!(task = %r.task, version = %r.version, %previous, "default version set");
+        let snapshot = self.registry.snapshot();
+        let adapter = snapshot
+            .adapter(&r.task, &r.version)
+            .map(|a| status(&a.info(), pb::AdapterState::Ready, true));
+        Ok(Response::new(pb::SetDefaultVersionResponse {
+            previous,
+            adapter,
+        }))
+    }
+}
+
+impl AdminService {
+    fn is_default(&self, task: &str, version: &str) -> bool {
+        self.registry
+            .snapshot()
+            .tasks()
+            .get(task)
+            .is_some_and(|t| t.default_version().version() == version)
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Checks `authorization: Bearer <token>` when a token is set.
+#[derive(Clone)]
+pub struct BearerToken(pub Option<Arc<str>>);
+
+impl tonic::service::Interceptor for BearerToken {
+    fn call(&mut self, request: Request<()>) -> Result<Request<()>, Status> {
+        let Some(token) = &self.0 else {
+            return Ok(request);
+        };
+        let given = request
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        match given {
+            Some(g) if constant_time_eq(g.as_bytes(), token.as_bytes()) => Ok(request),
+            Some(_) => Err(Status::unauthenticated("wrong admin token")),
+            None => Err(Status::unauthenticated(
+                "the admin API needs `authorization: Bearer <token>`",
+            )),
+        }
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
