@@ -89,6 +89,18 @@ def cloned_repository(work: Path, template: Adapter, count: int) -> Path:
     return out
 
 
+def staged_version(repository: Path, task: str, version: str) -> Path:
+    """A copy of `task`'s version 1 as `version`, in a folder outside tasks/ (so it is loaded
+    only through the admin API), inside the repository."""
+    source = repository / "tasks" / task / "1"
+    out = repository / "staged" / f"{task}-{version}"
+    manifest = json.loads((source / "manifest.json").read_text())
+    if not (out / manifest["file"]).exists():
+        _link_or_copy(source / manifest["file"], out / manifest["file"])
+    (out / "manifest.json").write_text(json.dumps(dict(manifest, version=version), indent=2) + "\n")
+    return out
+
+
 def fused_model(work: Path, template: Adapter) -> Path:
     """backbone.onnx + side.onnx as one ONNX graph: inputs `pixel_values` and
     `side_pixel_values`, output `logits`."""

@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import cases  # noqa: E402
 import peer  # noqa: E402
 import repos  # noqa: E402
+import servers  # noqa: E402
 from servers import ROOT  # noqa: E402
 
 
@@ -124,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as stubs_dir:
         stubs = peer.load_stubs(Path(stubs_dir))
         s = settings(args, stubs)
+        s.admin_stubs = servers.admin_stubs(Path(stubs_dir))
         sections = []
         for number in args.cases.split(","):
             case = cases.CASES[number.strip()]

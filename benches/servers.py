@@ -80,9 +80,10 @@ class Fptserve(Server):
     name = "fptserve"
 
     def __init__(self, binary: Path, repository: Path, threads: int, extra: tuple[str, ...] = ()):
+        self.admin_addr: str | None = None
         super().__init__([
             str(binary), "--log-format", "json", "serve", "--repository", str(repository),
-            "--grpc-listen", "127.0.0.1:0", "--metrics-listen", "off",
+            "--grpc-listen", "127.0.0.1:0", "--metrics-listen", "off", "--admin-listen", "127.0.0.1:0",
             "--intra-op-threads", str(threads), "--max-in-flight", "256", *extra,
         ])
 
@@ -91,6 +92,8 @@ class Fptserve(Server):
             event = json.loads(line)
         except ValueError:
             return None
+        if event.get("message") == "admin API listening":
+            self.admin_addr = event.get("addr")
         return event.get("addr") if event.get("message") == "serving" else None
 
 
@@ -105,6 +108,21 @@ class Peer(Server):
 
     def parse_addr(self, line: str) -> str | None:
         return line.split()[1] if line.startswith("serving ") else None
+
+
+def admin_stubs(out_dir: Path):
+    """admin_pb2 / admin_pb2_grpc next to the classifier stubs peer.load_stubs made there."""
+    import importlib
+
+    from grpc_tools import protoc
+
+    proto = ROOT / "proto"
+    rc = protoc.main(["grpc_tools.protoc", f"-I{proto}", f"--python_out={out_dir}", f"--grpc_python_out={out_dir}",
+                      str(proto / "fptserve" / "v1" / "admin.proto")])
+    if rc != 0:
+        raise RuntimeError("protoc failed on admin.proto")
+    importlib.invalidate_caches()
+    return importlib.import_module("fptserve.v1.admin_pb2"), importlib.import_module("fptserve.v1.admin_pb2_grpc")
 
 
 class Client:

@@ -97,6 +97,14 @@ pub struct ServeArgs {
     /// File holding the bearer token the admin API requires [default: none required].
     #[arg(long, env = "FPTSERVE_ADMIN_TOKEN_FILE")]
     pub admin_token_file: Option<PathBuf>,
+    /// Most task adapters loaded at once; beyond it the least recently used unpinned ones
+    /// are evicted and reloaded when next requested [default: no limit].
+    #[arg(long, env = "FPTSERVE_MAX_ADAPTERS")]
+    pub max_adapters: Option<usize>,
+    /// Seconds between scans of the repository's tasks/ folder, loading, replacing and
+    /// unloading adapters to match it; 0 = no watching [default: 0].
+    #[arg(long, env = "FPTSERVE_WATCH_INTERVAL")]
+    pub watch_interval: Option<f64>,
     /// Folder outside the repository that LoadAdapter may read from; repeat for several.
     #[arg(
         long = "admin-allow-root",
@@ -154,6 +162,8 @@ struct FileConfig {
     admin_listen: Option<String>,
     admin_token_file: Option<PathBuf>,
     admin_allow_roots: Option<Vec<PathBuf>>,
+    max_adapters: Option<usize>,
+    watch_interval: Option<f64>,
 }
 
 /// Settings shared by `serve` and `classify`.
@@ -184,6 +194,10 @@ pub struct ServeConfig {
     pub limits: Limits,
     /// The admin API, if enabled.
     pub admin: Option<AdminConfig>,
+    /// Most adapters loaded at once.
+    pub max_adapters: Option<usize>,
+    /// Repository watch period, if watching.
+    pub watch_interval: Option<std::time::Duration>,
 }
 
 /// The admin API's listener and access.
@@ -357,6 +371,17 @@ impl ServeArgs {
                 })
             }
         };
+        let max_adapters = self.max_adapters.or(file.max_adapters);
+        if max_adapters == Some(0) {
+            return Err(ConfigError("max_adapters must be at least 1".into()));
+        }
+        let watch = self.watch_interval.or(file.watch_interval).unwrap_or(0.0);
+        if !(watch >= 0.0 && watch.is_finite()) {
+            return Err(ConfigError(format!(
+                "watch_interval {watch} is not a number of seconds"
+            )));
+        }
+        let watch_interval = (watch > 0.0).then(|| std::time::Duration::from_secs_f64(watch));
         Ok(ServeConfig {
             models,
             grpc_listen,
@@ -364,6 +389,8 @@ impl ServeArgs {
             grpc,
             limits,
             admin,
+            max_adapters,
+            watch_interval,
         })
     }
 }

@@ -66,6 +66,14 @@ pub enum ClassifyError {
     /// The request's pixel policy is invalid or not allowed for a task.
     #[error("{0}")]
     PixelPolicy(String),
+    /// An adapter evicted under the budget could not be loaded again.
+    #[error("{task} was evicted under the adapter budget and does not load again: {reason}")]
+    Reload {
+        /// The task reference.
+        task: String,
+        /// Why.
+        reason: String,
+    },
 }
 
 /// One class's score.
@@ -218,7 +226,20 @@ impl Engine {
         let adapters: Vec<Arc<Adapter>> = request
             .tasks
             .iter()
-            .map(|t| snapshot.resolve(t))
+            .map(|t| match snapshot.resolve(t) {
+                Err(e @ (ResolveError::UnknownTask(_) | ResolveError::UnknownVersion { .. })) => {
+                    // evicted under the adapter budget: load it again, or say why not
+                    match self.registry.reload_evicted(t) {
+                        Some(Ok(adapter)) => Ok(adapter),
+                        Some(Err(reason)) => Err(ClassifyError::Reload {
+                            task: t.clone(),
+                            reason,
+                        }),
+                        None => Err(e.into()),
+                    }
+                }
+                other => other.map_err(ClassifyError::from),
+            })
             .collect::<Result<_, _>>()?;
         let policies: Vec<DicomPolicy> = adapters
             .iter()

@@ -5,7 +5,8 @@
 //! resize, normalisation) -> [`model::backbone`] (shared frozen ViT, K/V of the selected
 //! tokens) -> [`model::adapter`] (per-task side network) -> [`engine`] (response).
 //! [`registry`] holds the loaded models as an immutable snapshot, [`repository`] reads a
-//! model repository from disk, [`grpc`] is the network surface and [`server`] wires it up.
+//! model repository from disk, [`watch`] keeps the loaded adapters in line with it, [`grpc`]
+//! is the network surface (classification and admin) and [`server`] wires it up.
 
 pub mod cli;
 pub mod config;
@@ -19,6 +20,7 @@ pub mod registry;
 pub mod repository;
 pub mod runtime;
 pub mod server;
+pub mod watch;
 
 /// Generated protocol types and gRPC stubs (compiled from proto/ by build.rs).
 pub mod proto {

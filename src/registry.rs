@@ -9,7 +9,8 @@
 //! can see it drain.
 
 use std::cmp::Ordering;
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex, Weak};
 
 use arc_swap::ArcSwap;
@@ -214,6 +215,8 @@ pub enum Departure {
     Unloaded,
     /// Replaced by other bytes under the same version.
     Replaced,
+    /// Evicted under the memory budget; reloaded when next requested.
+    Evicted,
 }
 
 /// An adapter that left the serving set; requests that still hold it keep it alive.
@@ -245,10 +248,20 @@ pub struct Failure {
 /// Retired and failed entries kept for ListAdapters.
 const HISTORY: usize = 256;
 
+type Key = (String, String);
+
+fn key(adapter: &Adapter) -> Key {
+    (adapter.task().to_string(), adapter.version().to_string())
+}
+
 #[derive(Default)]
 struct Changes {
     /// Explicit default versions (SetDefaultVersion, LoadAdapter with make_default).
     defaults: BTreeMap<String, String>,
+    /// Never evicted under the budget.
+    pinned: BTreeSet<Key>,
+    /// Evicted under the budget, reloaded from these folders when next requested.
+    evicted: BTreeMap<Key, PathBuf>,
     retired: VecDeque<Retired>,
     failed: VecDeque<Failure>,
 }
@@ -261,10 +274,22 @@ pub struct Inserted {
     pub replaced: bool,
 }
 
+/// Loads an adapter folder again (reload on demand after an eviction).
+pub type Reloader = Box<dyn Fn(&std::path::Path) -> Result<Arc<Adapter>, String> + Send + Sync>;
+
 /// Holder of the current snapshot.
 pub struct Registry {
     current: ArcSwap<Snapshot>,
     changes: Mutex<Changes>,
+    budget: Option<Budget>,
+}
+
+/// An optional limit on loaded adapters, and how to bring an evicted one back.
+pub struct Budget {
+    /// Most adapters loaded at once.
+    pub max_adapters: usize,
+    /// Reloads an evicted adapter's folder.
+    pub reload: Reloader,
 }
 
 impl Registry {
@@ -273,7 +298,116 @@ impl Registry {
         Registry {
             current: ArcSwap::from_pointee(snapshot),
             changes: Mutex::default(),
+            budget: None,
         }
+    }
+
+    /// Starts with `snapshot` under `budget`: beyond it, the least recently used adapters
+    /// that are neither pinned nor in use are evicted (and reloaded when requested).
+    pub fn with_budget(snapshot: Snapshot, budget: Budget) -> Self {
+        let registry = Registry {
+            budget: Some(budget),
+            ..Registry::new(snapshot)
+        };
+        {
+            let mut changes = registry.changes();
+            let adapters = registry.snapshot().adapters().cloned().collect();
+            let adapters = registry.enforce_budget(&mut changes, adapters, None);
+            registry.publish(&changes, adapters);
+        }
+        registry
+    }
+
+    /// Drops least recently used adapters past the budget. An adapter is in use while a
+    /// request holds it (a strong count above the snapshots' own); pinned ones and `keep`
+    /// stay; uploaded ones (no folder to reload from) stay.
+    fn enforce_budget(
+        &self,
+        changes: &mut Changes,
+        mut adapters: Vec<Arc<Adapter>>,
+        keep: Option<&Arc<Adapter>>,
+    ) -> Vec<Arc<Adapter>> {
+        let Some(budget) = &self.budget else {
+            return adapters;
+        };
+        while adapters.len() > budget.max_adapters {
+            let candidate = adapters
+                .iter()
+                .enumerate()
+                .filter(|(_, a)| {
+                    !changes.pinned.contains(&key(a))
+                        && keep.is_none_or(|k| !Arc::ptr_eq(k, a))
+                        && a.reloadable()
+                        // this list and the current snapshot hold it; more is a request
+                        && Arc::strong_count(a) <= 2
+                })
+                .min_by_key(|(_, a)| a.info().last_used_unix_ms)
+                .map(|(i, _)| i);
+            let Some(i) = candidate else {
+                tracing::warn!(
+                    loaded = adapters.len(),
+                    budget = budget.max_adapters,
+                    "over the adapter budget, but every adapter is pinned or in use"
+                );
+                break;
+            };
+            let evicted = adapters.swap_remove(i);
+            tracing::info!(
+                task = evicted.task(),
+                version = evicted.version(),
+                "adapter evicted (budget)"
+            );
+            changes
+                .evicted
+                .insert(key(&evicted), evicted.dir().to_path_buf());
+            Self::retire(changes, &evicted, Departure::Evicted);
+        }
+        adapters
+    }
+
+    /// Reloads an evicted task version that `reference` names, when there is one.
+    pub fn reload_evicted(&self, reference: &str) -> Option<Result<Arc<Adapter>, String>> {
+        let budget = self.budget.as_ref()?;
+        let (task, version) = match reference.split_once('@') {
+            Some((t, v)) => (t, Some(v)),
+            None => (reference, None),
+        };
+        let folder = {
+            let changes = self.changes();
+            let version = match version {
+                Some(v) => v.to_string(),
+                // the explicit default, else the newest evicted version
+                None => changes.defaults.get(task).cloned().or_else(|| {
+                    changes
+                        .evicted
+                        .keys()
+                        .filter(|(t, _)| t == task)
+                        .map(|(_, v)| v.clone())
+                        .max_by(|a, b| compare_versions(a, b))
+                })?,
+            };
+            changes.evicted.get(&(task.to_string(), version))?.clone()
+        };
+        Some((budget.reload)(&folder).and_then(|adapter| {
+            self.insert(adapter, false, false, false)
+                .map(|i| i.adapter)
+                .map_err(|e| e.to_string())
+        }))
+    }
+
+    /// Whether `task@version` was evicted under the budget from `dir` (and so is known).
+    pub fn is_evicted(&self, task: &str, version: &str, dir: &std::path::Path) -> bool {
+        self.changes()
+            .evicted
+            .get(&(task.to_string(), version.to_string()))
+            .is_some_and(|d| d == dir)
+    }
+
+    /// Whether `task@version` is pinned.
+    pub fn is_pinned(&self, task: &str, version: &str) -> bool {
+        self.changes()
+            .pinned
+            .contains(&(task.to_string(), version.to_string()))
     }
 
     /// The current snapshot; hold it for the whole request.
@@ -314,8 +448,12 @@ impl Registry {
         adapter: Arc<Adapter>,
         make_default: bool,
         replace: bool,
+        pin: bool,
     ) -> Result<Inserted, ChangeError> {
         let mut changes = self.changes();
+        if pin {
+            changes.pinned.insert(key(&adapter));
+        }
         let current = self.snapshot();
         let (task, version) = (adapter.task().to_string(), adapter.version().to_string());
         let mut replaced = false;
@@ -344,21 +482,31 @@ impl Registry {
         if make_default {
             changes.defaults.insert(task.clone(), version.clone());
         }
+        changes.evicted.remove(&(task.clone(), version.clone()));
         let adapters = current
             .adapters()
             .filter(|a| !(a.task() == task && a.version() == version))
             .cloned()
             .chain([adapter.clone()])
             .collect();
+        let adapters = self.enforce_budget(&mut changes, adapters, Some(&adapter));
         self.publish(&changes, adapters);
         Ok(Inserted { adapter, replaced })
     }
 
-    /// Stops new requests from using `task@version`; running ones finish on it.
-    pub fn remove(&self, task: &str, version: &str) -> Result<Arc<Adapter>, ChangeError> {
+    /// Stops new requests from using `task@version`; running ones finish on it. An
+    /// evicted version is forgotten (None): it is no longer reloaded on demand.
+    pub fn remove(&self, task: &str, version: &str) -> Result<Option<Arc<Adapter>>, ChangeError> {
         let mut changes = self.changes();
         let current = self.snapshot();
         let Some(adapter) = current.adapter(task, version).cloned() else {
+            if changes
+                .evicted
+                .remove(&(task.to_string(), version.to_string()))
+                .is_some()
+            {
+                return Ok(None);
+            }
             return Err(ChangeError::NotLoaded {
                 task: task.into(),
                 version: version.into(),
@@ -367,6 +515,7 @@ impl Registry {
         if changes.defaults.get(task).is_some_and(|v| v == version) {
             changes.defaults.remove(task);
         }
+        changes.pinned.remove(&key(&adapter));
         Self::retire(&mut changes, &adapter, Departure::Unloaded);
         let adapters = current
             .adapters()
@@ -374,7 +523,7 @@ impl Registry {
             .cloned()
             .collect();
         self.publish(&changes, adapters);
-        Ok(adapter)
+        Ok(Some(adapter))
     }
 
     /// Makes `task@version` the version requests naming only the task get. Returns the

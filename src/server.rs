@@ -113,16 +113,25 @@ pub async fn run_admin(
     let admin = AdminServer::new(service)
         .max_decoding_message_size(max_message_bytes)
         .max_encoding_message_size(max_message_bytes);
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
-        .build_v1()
-        .expect("embedded descriptor set is valid");
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+    };
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
     tonic::transport::Server::builder()
         .add_service(tonic::service::interceptor::InterceptedService::new(
             admin, token,
         ))
-        .add_service(reflection)
+        .add_service(
+            reflection()
+                .build_v1()
+                .expect("embedded descriptor set is valid"),
+        )
+        .add_service(
+            reflection()
+                .build_v1alpha()
+                .expect("embedded descriptor set is valid"),
+        )
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await
 }

@@ -475,3 +475,187 @@ async fn admin_token_is_required_when_set() {
         4
     );
 }
+
+async fn listed(
+    admin: &mut pb::admin_client::AdminClient<tonic::transport::Channel>,
+) -> Vec<pb::AdapterStatus> {
+    admin
+        .list_adapters(pb::ListAdaptersRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .adapters
+}
+
+fn ready(list: &[pb::AdapterStatus]) -> Vec<String> {
+    let mut names: Vec<String> = list
+        .iter()
+        .filter(|a| a.state == pb::AdapterState::Ready as i32)
+        .map(|a| format!("{}@{}", a.task, a.version))
+        .collect();
+    names.sort();
+    names
+}
+
+#[tokio::test]
+async fn budget_evicts_least_recently_used_and_reloads_on_demand() {
+    let repo = temp_repository();
+    let server = TestServer::start_admin(
+        repo.path(),
+        common::AdminOptions {
+            max_adapters: Some(2),
+            ..Default::default()
+        },
+    )
+    .await;
+    let mut client = server.client().await;
+    let mut admin = server.admin().await;
+    assert_eq!(
+        ready(&listed(&mut admin).await).len(),
+        2,
+        "start-up respects the budget"
+    );
+
+    // every adapter answers, each reloaded on demand when it had been evicted, with its
+    // own numbers
+    for (task, version) in [
+        ("dr-grade", "1"),
+        ("skin-lesion", "1"),
+        ("dr-grade", "2"),
+        ("chest-xray", "1"),
+    ] {
+        for _ in 0..2 {
+            let result = classify(&mut client, &format!("{task}@{version}"))
+                .await
+                .unwrap();
+            assert_close(
+                &probabilities(&result),
+                &expected(task, version),
+                &format!("{task}@{version}"),
+            );
+        }
+        let now = ready(&listed(&mut admin).await);
+        assert!(now.len() <= 2, "{now:?}");
+        assert!(now.contains(&format!("{task}@{version}")), "{now:?}");
+    }
+    assert!(
+        listed(&mut admin)
+            .await
+            .iter()
+            .any(|a| a.error.contains("evicted"))
+    );
+
+    // a pinned adapter stays whatever else is used
+    let mut pin = load_path("tasks/dr-grade/1");
+    pin.pin = true;
+    let pinned = admin
+        .load_adapter(pin)
+        .await
+        .unwrap()
+        .into_inner()
+        .adapter
+        .unwrap();
+    assert!(pinned.pinned);
+    for task in [
+        "skin-lesion@1",
+        "chest-xray@1",
+        "dr-grade@2",
+        "skin-lesion@1",
+    ] {
+        classify(&mut client, task).await.unwrap();
+        assert!(ready(&listed(&mut admin).await).contains(&"dr-grade@1".to_string()));
+    }
+}
+
+#[tokio::test]
+async fn watch_mode_follows_the_repository() {
+    let repo = temp_repository();
+    let server = TestServer::start_admin(
+        repo.path(),
+        common::AdminOptions {
+            watch: Some(std::time::Duration::from_millis(100)),
+            ..Default::default()
+        },
+    )
+    .await;
+    let mut client = server.client().await;
+    let mut admin = server.admin().await;
+    async fn until(
+        admin: &mut pb::admin_client::AdminClient<tonic::transport::Channel>,
+        what: &str,
+        check: impl Fn(&[String]) -> bool,
+    ) {
+        for _ in 0..100 {
+            if check(&ready(&listed(admin).await)) {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        panic!(
+            "watch mode never got to: {what}; ready: {:?}",
+            ready(&listed(admin).await)
+        );
+    }
+
+    // a new version appears: first a partly written copy (model file truncated), then whole
+    let source = repo.path().join("tasks/dr-grade/1");
+    let target = repo.path().join("tasks/dr-grade/3");
+    std::fs::create_dir_all(&target).unwrap();
+    let model = std::fs::read(source.join("side.onnx")).unwrap();
+    std::fs::write(target.join("side.onnx"), &model[..model.len() / 2]).unwrap();
+    let mut manifest: Value =
+        serde_json::from_slice(&std::fs::read(source.join("manifest.json")).unwrap()).unwrap();
+    manifest["version"] = "3".into();
+    std::fs::write(target.join("manifest.json"), manifest.to_string()).unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(350)).await;
+    assert!(!ready(&listed(&mut admin).await).contains(&"dr-grade@3".to_string()));
+    std::fs::write(target.join("side.onnx"), &model).unwrap();
+    until(&mut admin, "dr-grade@3 loaded", |r| {
+        r.contains(&"dr-grade@3".to_string())
+    })
+    .await;
+    let result = classify(&mut client, "dr-grade").await.unwrap();
+    assert_eq!(
+        result.adapter_version, "3",
+        "the newest version is the default"
+    );
+    assert_close(
+        &probabilities(&result),
+        &expected("dr-grade", "1"),
+        "dr-grade@3 = v1 weights",
+    );
+
+    // its bytes change: replaced
+    let v2 = repo.path().join("tasks/dr-grade/2");
+    std::fs::copy(v2.join("side.onnx"), target.join("side.onnx")).unwrap();
+    let v2_manifest: Value =
+        serde_json::from_slice(&std::fs::read(v2.join("manifest.json")).unwrap()).unwrap();
+    manifest["sha256"] = v2_manifest["sha256"].clone();
+    std::fs::write(target.join("manifest.json"), manifest.to_string()).unwrap();
+    for _ in 0..100 {
+        let result = classify(&mut client, "dr-grade@3").await.unwrap();
+        if (probabilities(&result)[0] - expected("dr-grade", "2")[0]).abs() < 1e-4 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_close(
+        &probabilities(&classify(&mut client, "dr-grade@3").await.unwrap()),
+        &expected("dr-grade", "2"),
+        "dr-grade@3 replaced by v2 weights",
+    );
+
+    // the folder goes: unloaded
+    std::fs::remove_dir_all(&target).unwrap();
+    until(&mut admin, "dr-grade@3 unloaded", |r| {
+        !r.contains(&"dr-grade@3".to_string())
+    })
+    .await;
+    assert_eq!(
+        classify(&mut client, "dr-grade")
+            .await
+            .unwrap()
+            .adapter_version,
+        "2"
+    );
+}

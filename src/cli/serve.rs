@@ -7,7 +7,8 @@ use anyhow::Context;
 use crate::config::ServeConfig;
 use crate::engine::Engine;
 use crate::grpc::admin::{AdminService, AllowedRoots, BearerToken};
-use crate::registry::Registry;
+use crate::model::adapter::Adapter;
+use crate::registry::{Budget, Registry};
 use crate::{metrics, server};
 
 /// Runs the daemon.
@@ -43,7 +44,29 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(config.grpc_listen)
         .await
         .with_context(|| format!("binding gRPC on {}", config.grpc_listen))?;
-    let registry = Arc::new(Registry::new(loaded.snapshot));
+    let registry = Arc::new(match config.max_adapters {
+        None => Registry::new(loaded.snapshot),
+        Some(max_adapters) => {
+            let reload = Adapter::reloader(runtime.clone(), loaded.snapshot.backbones().to_vec());
+            tracing::info!(max_adapters, "adapter budget");
+            Registry::with_budget(
+                loaded.snapshot,
+                Budget {
+                    max_adapters,
+                    reload,
+                },
+            )
+        }
+    });
+    if let Some(interval) = config.watch_interval {
+        tracing::info!(?interval, "watching the repository's tasks/ folder");
+        tokio::spawn(crate::watch::run(
+            config.models.repository.clone(),
+            registry.clone(),
+            runtime.clone(),
+            interval,
+        ));
+    }
     let engine = Arc::new(Engine::new(registry.clone(), config.limits));
 
     // one shutdown signal for both listeners

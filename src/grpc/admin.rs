@@ -207,10 +207,7 @@ impl Admin for AdminService {
                 lock(&loading).insert(id, info);
             }
             let backbones = registry.snapshot().backbones().to_vec();
-            let result = Adapter::load(&dir, &runtime, &backbones).and_then(|adapter| {
-                let features = adapter.backbone().warm_features()?;
-                adapter.warm(&features)
-            });
+            let result = Adapter::load_warm(&dir, &runtime, &backbones);
             lock(&loading).remove(&id);
             (result, named)
         })
@@ -234,9 +231,10 @@ impl Admin for AdminService {
         };
         let inserted = self
             .registry
-            .insert(Arc::new(adapter), r.make_default, r.replace)
+            .insert(Arc::new(adapter), r.make_default, r.replace, r.pin)
             .map_err(change_status)?;
         let info = inserted.adapter.info();
+        let pinned = self.registry.is_pinned(&info.task, &info.version);
         tracing::info!(
             task = %info.task,
             version = %info.version,
@@ -246,8 +244,10 @@ impl Admin for AdminService {
             "adapter loaded"
         );
         let is_default = self.is_default(&info.task, &info.version);
+        let mut adapter = status(&info, pb::AdapterState::Ready, is_default);
+        adapter.pinned = pinned;
         Ok(Response::new(pb::LoadAdapterResponse {
-            adapter: Some(status(&info, pb::AdapterState::Ready, is_default)),
+            adapter: Some(adapter),
             replaced: inserted.replaced,
         }))
     }
@@ -257,10 +257,21 @@ impl Admin for AdminService {
         request: Request<pb::UnloadAdapterRequest>,
     ) -> Result<Response<pb::UnloadAdapterResponse>, Status> {
         let r = request.into_inner();
-        let adapter = self
+        let Some(adapter) = self
             .registry
             .remove(&r.task, &r.version)
-            .map_err(change_status)?;
+            .map_err(change_status)?
+        else {
+            tracing::info!(task = %r.task, version = %r.version, "evicted adapter forgotten");
+            return Ok(Response::new(pb::UnloadAdapterResponse {
+                adapter: Some(pb::AdapterStatus {
+                    task: r.task,
+                    version: r.version,
+                    state: pb::AdapterState::Unloaded as i32,
+                    ..Default::default()
+                }),
+            }));
+        };
         tracing::info!(task = %r.task, version = %r.version, "adapter unloaded");
         // this call's handle is one; any other is a request still running on it
         let state = if Arc::strong_count(&adapter) > 1 {
@@ -283,11 +294,13 @@ impl Admin for AdminService {
             let default = task.default_version().version();
             for adapter in task.versions() {
                 let is_default = adapter.version() == default;
-                adapters.push(status(
+                let mut s = status(
                     &adapter.info(),
                     pb::AdapterState::Ready,
                     is_default && adapter.task() == name,
-                ));
+                );
+                s.pinned = self.registry.is_pinned(adapter.task(), adapter.version());
+                adapters.push(s);
             }
         }
         for info in lock(&self.loading).values() {
@@ -299,9 +312,13 @@ impl Admin for AdminService {
                 None => (retired.info.clone(), pb::AdapterState::Unloaded),
             };
             let mut s = status(&info, state, false);
-            if retired.departure == Departure::Replaced {
-                s.error = "replaced by other bytes under the same version".into();
-            }
+            s.error = match retired.departure {
+                Departure::Unloaded => String::new(),
+                Departure::Replaced => "replaced by other bytes under the same version".into(),
+                Departure::Evicted => {
+                    "evicted under the adapter budget; reloaded when requested".into()
+                }
+            };
             adapters.push(s);
         }
         for failure in self.registry.failures() {

@@ -28,6 +28,7 @@ impl From<ClassifyError> for Status {
                 DecodeError::Unsupported(_) => Code::Unimplemented,
                 DecodeError::TooLarge(_) => Code::ResourceExhausted,
             },
+            ClassifyError::Reload { .. } => Code::Unavailable,
             ClassifyError::Model(m) => match m {
                 ModelError::Inference { .. } => Code::Internal,
                 _ => Code::FailedPrecondition,

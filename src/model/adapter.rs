@@ -11,6 +11,7 @@ use ort::value::TensorRef;
 use super::backbone::{Backbone, Features};
 use super::{Model, ModelError};
 use crate::preprocess::Normalization;
+use crate::registry::Reloader;
 use crate::repository::manifest::AdapterManifest;
 use crate::runtime::{Memory, Runtime};
 
@@ -25,6 +26,25 @@ pub struct Adapter {
     load_ms: f64,
     served: AtomicU64,
     last_used_unix_ms: AtomicI64,
+    /// Declared last, so it drops after the session: gives the freed memory back.
+    _release: ReleaseMemory,
+}
+
+/// Returns freed heap memory to the operating system when dropped. glibc keeps freed
+/// blocks of an unloaded adapter's session in its heaps, so RSS would not come down after
+/// unloading: after loading, using and unloading 100 full-size adapters RSS stayed 379 MiB
+/// above where it started; with `malloc_trim` it ends 32 MiB below (benches case 6).
+#[derive(Default)]
+struct ReleaseMemory;
+
+impl Drop for ReleaseMemory {
+    fn drop(&mut self) {
+        #[cfg(all(target_os = "linux", target_env = "gnu"))]
+        // SAFETY: malloc_trim only walks glibc's own heaps; no pointers are passed.
+        unsafe {
+            libc::malloc_trim(0);
+        }
+    }
 }
 
 /// What operators see of an adapter (ListAdapters); plain data, kept after it is unloaded.
@@ -116,6 +136,29 @@ impl Adapter {
             load_ms: started.elapsed().as_secs_f64() * 1e3,
             served: AtomicU64::new(0),
             last_used_unix_ms: AtomicI64::new(0),
+            _release: ReleaseMemory,
+        })
+    }
+
+    /// Loads `dir` as [`Adapter::load`] does and warms it with one run: what every load
+    /// after start-up (admin API, repository watch, reload after eviction) does.
+    pub fn load_warm(
+        dir: &Path,
+        runtime: &Runtime,
+        backbones: &[Arc<Backbone>],
+    ) -> Result<Self, ModelError> {
+        let adapter = Self::load(dir, runtime, backbones)?;
+        let features = adapter.backbone().warm_features()?;
+        adapter.warm(&features)
+    }
+
+    /// What the adapter budget reloads evicted adapters with: [`Adapter::load_warm`]
+    /// against `backbones` (the backbones do not change at run time).
+    pub fn reloader(runtime: Arc<Runtime>, backbones: Vec<Arc<Backbone>>) -> Reloader {
+        Box::new(move |dir| {
+            Self::load_warm(dir, &runtime, &backbones)
+                .map(Arc::new)
+                .map_err(|e| e.to_string())
         })
     }
 
@@ -127,6 +170,11 @@ impl Adapter {
         self.run(&vec![0.0; 3 * h * w], features)?;
         self.load_ms += started.elapsed().as_secs_f64() * 1e3;
         Ok(self)
+    }
+
+    /// It came from a folder that stays (not an upload), so it can be loaded again.
+    pub fn reloadable(&self) -> bool {
+        self.dir.join(&self.manifest.file).is_file()
     }
 
     /// Counts one request it answered.

@@ -50,7 +50,8 @@ pub struct Loaded {
     pub failures: Vec<LoadFailure>,
 }
 
-fn subdirs(dir: &Path) -> Vec<PathBuf> {
+/// Sub-folders of `dir`, sorted, without hidden ones.
+pub(crate) fn subdirs(dir: &Path) -> Vec<PathBuf> {
     let mut dirs: Vec<PathBuf> = std::fs::read_dir(dir)
         .into_iter()
         .flatten()

@@ -9,9 +9,10 @@ use std::sync::Arc;
 use fptserve::decode::Limits;
 use fptserve::engine::Engine;
 use fptserve::grpc::admin::{AdminService, AllowedRoots, BearerToken};
+use fptserve::model::adapter::Adapter;
 use fptserve::proto::v1::admin_client::AdminClient;
 use fptserve::proto::v1::classifier_client::ClassifierClient;
-use fptserve::registry::Registry;
+use fptserve::registry::{Budget, Registry};
 use fptserve::repository::{self, LoadFailure};
 use fptserve::runtime::{Device, Runtime, Threads};
 use fptserve::server::{self, GrpcSettings};
@@ -52,6 +53,17 @@ pub fn runtime() -> Arc<Runtime> {
         )
         .expect("ONNX Runtime (run tools/fetch-onnxruntime.sh)"),
     )
+}
+
+/// How `TestServer::start_admin` sets up the admin side.
+#[derive(Default)]
+pub struct AdminOptions<'a> {
+    /// Bearer token the admin API requires.
+    pub token: Option<&'a str>,
+    /// Adapter budget.
+    pub max_adapters: Option<usize>,
+    /// Repository watch period.
+    pub watch: Option<std::time::Duration>,
 }
 
 /// A running server; stops when dropped.
@@ -103,9 +115,43 @@ impl TestServer {
     /// Starts the server and the admin API over `repository`; the admin API requires
     /// `token` when given.
     pub async fn start_with_admin(repository: &Path, token: Option<&str>) -> Self {
+        Self::start_admin(
+            repository,
+            AdminOptions {
+                token,
+                ..Default::default()
+            },
+        )
+        .await
+    }
+
+    /// Starts the server and the admin API with `options`.
+    pub async fn start_admin(repository: &Path, options: AdminOptions<'_>) -> Self {
+        let token = options.token;
         let runtime = runtime();
         let loaded = repository::load(repository, &runtime).expect("repository loads");
-        let registry = Arc::new(Registry::new(loaded.snapshot));
+        let registry = Arc::new(match options.max_adapters {
+            None => Registry::new(loaded.snapshot),
+            Some(max_adapters) => {
+                let reload =
+                    Adapter::reloader(runtime.clone(), loaded.snapshot.backbones().to_vec());
+                Registry::with_budget(
+                    loaded.snapshot,
+                    Budget {
+                        max_adapters,
+                        reload,
+                    },
+                )
+            }
+        });
+        if let Some(interval) = options.watch {
+            tokio::spawn(fptserve::watch::run(
+                repository.to_path_buf(),
+                registry.clone(),
+                runtime.clone(),
+                interval,
+            ));
+        }
         let engine = Arc::new(Engine::new(registry.clone(), Limits::default()));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();

@@ -57,11 +57,13 @@ class Daemon:
             [str(BINARY), "--log-format", "json", "serve",
              "--repository", str(ROOT / "models" / "demo"),
              "--grpc-listen", "127.0.0.1:0",
+             "--admin-listen", "127.0.0.1:0",
              "--metrics-listen", f"127.0.0.1:{self.metrics_port}"],
             stderr=subprocess.PIPE, text=True,
         )
         self.lines = []
         self.addr = None
+        self.admin_addr = None
         ready = threading.Event()
 
         def read():
@@ -71,6 +73,8 @@ class Daemon:
                     event = json.loads(line)
                 except ValueError:
                     continue
+                if event.get("message") == "admin API listening":
+                    self.admin_addr = event["addr"]
                 if event.get("message") == "serving":
                     self.addr = event["addr"]
                     ready.set()
@@ -165,6 +169,26 @@ def test_metrics_count_requests(daemon, stubs):
     assert 'fptserve_requests_total{method="Classify",code="InvalidArgument"}' in text
     assert "fptserve_stage_duration_seconds_bucket" in text
     assert "fptserve_adapters_loaded 4" in text
+
+
+def test_admin_api_through_grpcurl(daemon):
+    """An operator's view: the admin listener answers grpcurl through reflection."""
+    assert daemon.admin_addr, "no admin listener in the log"
+    listed = subprocess.run([str(GRPCURL), "-plaintext", daemon.admin_addr, "list"],
+                            capture_output=True, text=True, timeout=60)
+    assert listed.returncode == 0, listed.stderr
+    assert "fptserve.v1.Admin" in listed.stdout.split()
+    called = subprocess.run([str(GRPCURL), "-plaintext", "-d", "{}", daemon.admin_addr,
+                             "fptserve.v1.Admin/ListAdapters"],
+                            capture_output=True, text=True, timeout=60)
+    assert called.returncode == 0, called.stderr
+    adapters = json.loads(called.stdout)["adapters"]
+    ready = sorted(f"{a['task']}@{a['version']}" for a in adapters if a["state"] == "ADAPTER_STATE_READY")
+    assert ready == ["chest-xray@1", "dr-grade@1", "dr-grade@2", "skin-lesion@1"]
+    # the classification listener does not serve it
+    wrong = subprocess.run([str(GRPCURL), "-plaintext", "-d", "{}", daemon.addr,
+                            "fptserve.v1.Admin/ListAdapters"], capture_output=True, text=True, timeout=60)
+    assert wrong.returncode != 0
 
 
 def test_logs_carry_no_patient_data_and_sigterm_exits_cleanly(daemon, stubs):

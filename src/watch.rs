@@ -1,0 +1,160 @@
+//! Repository watch mode: every few seconds the `tasks/` folder of the model repository is
+//! compared with what is loaded, and adapters are loaded, replaced or unloaded to match,
+//! so that replicas sharing one read-only volume converge without admin calls.
+//!
+//! A folder is taken only when its manifest reads and its model file's SHA-256 equals the
+//! manifest's: a copy still being written (either file) is skipped and looked at again on
+//! the next scan, and reported as failed only once it has stopped changing.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use crate::model::adapter::{Adapter, unix_ms};
+use crate::registry::{Failure, Registry};
+use crate::repository::manifest::{AdapterManifest, MANIFEST_FILE};
+use crate::repository::subdirs;
+use crate::runtime::Runtime;
+
+/// What a folder looked like: modification times and sizes of its two files.
+type Stamp = Vec<(SystemTime, u64)>;
+
+fn stamp(dir: &Path, file: &str) -> Option<Stamp> {
+    [MANIFEST_FILE, file]
+        .iter()
+        .map(|f| {
+            let m = std::fs::metadata(dir.join(f)).ok()?;
+            Some((m.modified().ok()?, m.len()))
+        })
+        .collect()
+}
+
+/// One adapter folder found on disk.
+struct Found {
+    dir: PathBuf,
+    manifest: AdapterManifest,
+    stamp: Stamp,
+}
+
+fn scan(repository: &Path) -> Vec<Found> {
+    let mut found = Vec::new();
+    for task in subdirs(&repository.join("tasks")) {
+        for dir in subdirs(&task) {
+            let Ok(manifest) = AdapterManifest::read(&dir) else {
+                continue;
+            };
+            if let Some(stamp) = stamp(&dir, &manifest.file) {
+                found.push(Found {
+                    dir,
+                    manifest,
+                    stamp,
+                });
+            }
+        }
+    }
+    found
+}
+
+/// The watcher's memory between scans.
+#[derive(Default)]
+pub struct Watcher {
+    /// Folders that did not load, with the stamp they had: not retried until they change.
+    refused: BTreeMap<PathBuf, Stamp>,
+    /// Folders that did not load once, with their stamp: reported if unchanged next time.
+    unsettled: BTreeMap<PathBuf, Stamp>,
+}
+
+impl Watcher {
+    /// One scan: brings the registry in line with the repository's tasks/ folder.
+    pub fn sync(&mut self, repository: &Path, registry: &Registry, runtime: &Runtime) {
+        let found = scan(repository);
+        let snapshot = registry.snapshot();
+        let tasks_dir = repository.join("tasks");
+
+        // gone from disk: unload (only what was loaded from this repository's tasks/)
+        for adapter in snapshot.adapters() {
+            let dir = adapter.dir();
+            if dir.starts_with(&tasks_dir) && !found.iter().any(|f| f.dir == dir) {
+                tracing::info!(
+                    task = adapter.task(),
+                    version = adapter.version(),
+                    "watch: folder gone, unloading"
+                );
+                let _ = registry.remove(adapter.task(), adapter.version());
+            }
+        }
+
+        for f in found {
+            let loaded = snapshot.adapter(&f.manifest.task, &f.manifest.version);
+            if loaded.is_some_and(|a| a.sha256() == f.manifest.sha256) {
+                continue;
+            }
+            if registry.is_evicted(&f.manifest.task, &f.manifest.version, &f.dir) {
+                continue;
+            }
+            if self.refused.get(&f.dir) == Some(&f.stamp) {
+                continue;
+            }
+            let backbones = snapshot.backbones().to_vec();
+            match Adapter::load_warm(&f.dir, runtime, &backbones) {
+                Ok(adapter) => {
+                    self.unsettled.remove(&f.dir);
+                    self.refused.remove(&f.dir);
+                    match registry.insert(Arc::new(adapter), false, true, false) {
+                        Ok(i) => tracing::info!(
+                            task = i.adapter.task(),
+                            version = i.adapter.version(),
+                            replaced = i.replaced,
+                            "watch: adapter loaded"
+                        ),
+                        Err(e) => tracing::warn!(error = %e, "watch: adapter not published"),
+                    }
+                }
+                Err(e) => {
+                    // a copy in progress changes between scans; a bad adapter does not
+                    if self.unsettled.get(&f.dir) == Some(&f.stamp) {
+                        tracing::warn!(path = %f.dir.display(), error = %e, "watch: adapter refused");
+                        registry.record_failure(Failure {
+                            task: f.manifest.task.clone(),
+                            version: f.manifest.version.clone(),
+                            path: f.dir.display().to_string(),
+                            error: e.to_string(),
+                            at_unix_ms: unix_ms(),
+                        });
+                        self.unsettled.remove(&f.dir);
+                        self.refused.insert(f.dir.clone(), f.stamp);
+                    } else {
+                        self.unsettled.insert(f.dir.clone(), f.stamp);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Scans every `interval` until the process ends.
+pub async fn run(
+    repository: PathBuf,
+    registry: Arc<Registry>,
+    runtime: Arc<Runtime>,
+    interval: Duration,
+) {
+    let watcher = Arc::new(std::sync::Mutex::new(Watcher::default()));
+    let mut ticks = tokio::time::interval(interval);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticks.tick().await;
+        let (repository, registry, runtime, watcher) = (
+            repository.clone(),
+            registry.clone(),
+            runtime.clone(),
+            watcher.clone(),
+        );
+        let _ = tokio::task::spawn_blocking(move || {
+            let mut watcher = watcher.lock().unwrap_or_else(|e| e.into_inner());
+            watcher.sync(&repository, &registry, &runtime);
+        })
+        .await;
+    }
+}
