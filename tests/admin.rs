@@ -115,21 +115,16 @@ async fn swaps_under_load_fail_no_request() {
     let mut admin = server.admin().await;
     for i in 0..50 {
         if i % 2 == 0 {
-            // version 1 leaves; the default falls back to version 2
-            admin
-                .unload_adapter(pb::UnloadAdapterRequest {
-                    task: "dr-grade".into(),
-                    version: "1".into(),
-                })
-                .await
-                .unwrap();
-            admin
-                .unload_adapter(pb::UnloadAdapterRequest {
-                    task: "skin-lesion".into(),
-                    version: "1".into(),
-                })
-                .await
-                .unwrap();
+            // version 1 leaves (the default falls back to version 2), and another task
+            for task in ["dr-grade", "skin-lesion"] {
+                admin
+                    .unload_adapter(pb::UnloadAdapterRequest {
+                        task: task.into(),
+                        version: "1".into(),
+                    })
+                    .await
+                    .unwrap();
+            }
         } else {
             let mut load = load_path("tasks/dr-grade/1");
             load.make_default = true;

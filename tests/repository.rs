@@ -7,19 +7,6 @@ use std::path::Path;
 
 use fptserve::repository;
 
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        let target = to.join(entry.file_name());
-        if entry.file_type().unwrap().is_dir() {
-            copy_dir(&entry.path(), &target);
-        } else {
-            std::fs::copy(entry.path(), target).unwrap();
-        }
-    }
-}
-
 fn edit_manifest(path: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
     let file = path.join("manifest.json");
     let mut json: serde_json::Value =
@@ -32,7 +19,7 @@ fn edit_manifest(path: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
 fn broken_adapters_are_skipped_with_their_reason_and_the_rest_serve() {
     let dir = tempfile::tempdir().unwrap();
     let repo = dir.path().join("repo");
-    copy_dir(&common::demo_repository(), &repo);
+    common::copy_tree(&common::demo_repository(), &repo);
     let tasks = repo.join("tasks");
 
     // A truncated download: the bytes no longer match the manifest's digest.
