@@ -341,7 +341,7 @@ impl Registry {
                         // this list and the current snapshot hold it; more is a request
                         && Arc::strong_count(a) <= 2
                 })
-                .min_by_key(|(_, a)| a.info().last_used_unix_ms)
+                .min_by_key(|(_, a)| a.last_used_unix_ms())
                 .map(|(i, _)| i);
             let Some(i) = candidate else {
                 tracing::warn!(

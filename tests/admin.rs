@@ -167,12 +167,7 @@ async fn swaps_under_load_fail_no_request() {
     );
 
     // what operators see: the reloaded version 1 serving, earlier copies unloaded
-    let listed = admin
-        .list_adapters(pb::ListAdaptersRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .adapters;
+    let listed = listed(&mut admin).await;
     let ready: Vec<_> = listed
         .iter()
         .filter(|a| a.state == pb::AdapterState::Ready as i32 && a.task == "dr-grade")
@@ -284,12 +279,7 @@ async fn refused_loads_say_why_and_change_nothing() {
         let now = probabilities(&classify(&mut client, "dr-grade").await.unwrap());
         assert_eq!(now, before, "{path} changed what dr-grade answers");
     }
-    let listed = admin
-        .list_adapters(pb::ListAdaptersRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .adapters;
+    let listed = listed(&mut admin).await;
     let failed: Vec<&str> = listed
         .iter()
         .filter(|a| a.state == pb::AdapterState::Failed as i32)

@@ -290,14 +290,13 @@ impl Admin for AdminService {
     ) -> Result<Response<pb::ListAdaptersResponse>, Status> {
         let snapshot = self.registry.snapshot();
         let mut adapters: Vec<pb::AdapterStatus> = Vec::new();
-        for (name, task) in snapshot.tasks() {
+        for task in snapshot.tasks().values() {
             let default = task.default_version().version();
             for adapter in task.versions() {
-                let is_default = adapter.version() == default;
                 let mut s = status(
                     &adapter.info(),
                     pb::AdapterState::Ready,
-                    is_default && adapter.task() == name,
+                    adapter.version() == default,
                 );
                 s.pinned = self.registry.is_pinned(adapter.task(), adapter.version());
                 adapters.push(s);

@@ -183,6 +183,11 @@ impl Adapter {
         self.last_used_unix_ms.store(unix_ms(), Ordering::Relaxed);
     }
 
+    /// When a request last used it (Unix ms, 0 = never).
+    pub fn last_used_unix_ms(&self) -> i64 {
+        self.last_used_unix_ms.load(Ordering::Relaxed)
+    }
+
     /// SHA-256 of its ONNX file.
     pub fn sha256(&self) -> &str {
         &self.manifest.sha256
@@ -202,7 +207,7 @@ impl Adapter {
             model_bytes: self.model_bytes,
             load_ms: self.load_ms,
             loaded_unix_ms: self.loaded_unix_ms,
-            last_used_unix_ms: self.last_used_unix_ms.load(Ordering::Relaxed),
+            last_used_unix_ms: self.last_used_unix_ms(),
             requests_served: self.served.load(Ordering::Relaxed),
         }
     }
