@@ -7,7 +7,10 @@ use std::path::{Path, PathBuf};
 use clap::{Args, Parser, Subcommand};
 use serde::Deserialize;
 
+use std::time::Duration;
+
 use crate::decode::Limits;
+use crate::engine::EngineSettings;
 use crate::runtime::{Device, Threads};
 use crate::server::GrpcSettings;
 
@@ -32,7 +35,7 @@ pub struct Cli {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Run the gRPC daemon.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Classify one file without a server and print the result.
     Classify(ClassifyArgs),
     /// Print a model's manifest and check it (digest, graph interface, backbone match).
@@ -105,6 +108,26 @@ pub struct ServeArgs {
     /// unloading adapters to match it; 0 = no watching [default: 0].
     #[arg(long, env = "FPTSERVE_WATCH_INTERVAL")]
     pub watch_interval: Option<f64>,
+    /// Most images in one backbone run; 1 turns batching off [default: 8 on CPU, 32 on GPU].
+    #[arg(long, env = "FPTSERVE_MAX_BATCH_SIZE")]
+    pub max_batch_size: Option<usize>,
+    /// Longest an image waits for others to join its backbone batch, in milliseconds
+    /// [default: 0 on CPU (a batch is what queued during the previous run), 2 on GPU].
+    #[arg(long, env = "FPTSERVE_MAX_BATCH_DELAY_MS")]
+    pub max_batch_delay_ms: Option<f64>,
+    /// Most images waiting for the backbone; more get RESOURCE_EXHAUSTED [default: 64 on CPU, 256 on GPU].
+    #[arg(long, env = "FPTSERVE_MAX_QUEUE")]
+    pub max_queue: Option<usize>,
+    /// Byte budget of the backbone feature cache (K/V of recent images); 0 = off
+    /// [default: 268435456 = 256 MiB].
+    #[arg(long, env = "FPTSERVE_FEATURE_CACHE_BYTES")]
+    pub feature_cache_bytes: Option<usize>,
+    /// Calls decoding and preprocessing at once [default: one per core].
+    #[arg(long, env = "FPTSERVE_DECODE_THREADS")]
+    pub decode_threads: Option<usize>,
+    /// Seconds calls in flight get to finish after SIGTERM/SIGINT [default: 30].
+    #[arg(long, env = "FPTSERVE_DRAIN_TIMEOUT")]
+    pub drain_timeout: Option<f64>,
     /// Folder outside the repository that LoadAdapter may read from; repeat for several.
     #[arg(
         long = "admin-allow-root",
@@ -164,6 +187,12 @@ struct FileConfig {
     admin_allow_roots: Option<Vec<PathBuf>>,
     max_adapters: Option<usize>,
     watch_interval: Option<f64>,
+    max_batch_size: Option<usize>,
+    max_batch_delay_ms: Option<f64>,
+    max_queue: Option<usize>,
+    feature_cache_bytes: Option<usize>,
+    decode_threads: Option<usize>,
+    drain_timeout: Option<f64>,
 }
 
 /// Settings shared by `serve` and `classify`.
@@ -198,6 +227,40 @@ pub struct ServeConfig {
     pub max_adapters: Option<usize>,
     /// Repository watch period, if watching.
     pub watch_interval: Option<std::time::Duration>,
+    /// Engine settings given explicitly; the rest default by device.
+    pub engine: EngineOverrides,
+}
+
+/// Engine settings from flags, environment or file; unset ones default by the device
+/// the models run on, known only once ONNX Runtime is up.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct EngineOverrides {
+    /// Most images per backbone run.
+    pub max_batch_size: Option<usize>,
+    /// Longest wait for a batch to fill.
+    pub max_batch_delay: Option<Duration>,
+    /// Most images queued per backbone.
+    pub max_queue: Option<usize>,
+    /// Feature cache budget in bytes.
+    pub feature_cache_bytes: Option<usize>,
+    /// Decode pool size.
+    pub decode_threads: Option<usize>,
+}
+
+impl EngineOverrides {
+    /// The settings for a CPU or GPU with these overrides applied.
+    pub fn resolve(&self, gpu: bool) -> EngineSettings {
+        let mut settings = EngineSettings::for_device(gpu);
+        let batch = &mut settings.batch;
+        batch.max_batch = self.max_batch_size.unwrap_or(batch.max_batch);
+        batch.max_delay = self.max_batch_delay.unwrap_or(batch.max_delay);
+        batch.max_queue = self.max_queue.unwrap_or(batch.max_queue);
+        settings.feature_cache_bytes = self
+            .feature_cache_bytes
+            .unwrap_or(settings.feature_cache_bytes);
+        settings.decode_threads = self.decode_threads.unwrap_or(settings.decode_threads);
+        settings
+    }
 }
 
 /// The admin API's listener and access.
@@ -310,6 +373,7 @@ impl ServeArgs {
                 .max_in_flight
                 .or(file.max_in_flight)
                 .unwrap_or(defaults.max_in_flight),
+            drain_timeout: defaults.drain_timeout,
         };
         if grpc.max_message_bytes < 1024 {
             return Err(ConfigError(format!(
@@ -382,7 +446,45 @@ impl ServeArgs {
             )));
         }
         let watch_interval = (watch > 0.0).then(|| std::time::Duration::from_secs_f64(watch));
+        let positive = |name: &str, v: Option<usize>| match v {
+            Some(0) => Err(ConfigError(format!("{name} must be at least 1"))),
+            v => Ok(v),
+        };
+        let seconds = |name: &str, v: Option<f64>| match v {
+            Some(s) if !(s >= 0.0 && s.is_finite()) => Err(ConfigError(format!(
+                "{name} {s} is not a number of {}",
+                if name.ends_with("_ms") {
+                    "milliseconds"
+                } else {
+                    "seconds"
+                }
+            ))),
+            v => Ok(v),
+        };
+        let engine = EngineOverrides {
+            max_batch_size: positive(
+                "max_batch_size",
+                self.max_batch_size.or(file.max_batch_size),
+            )?,
+            max_batch_delay: seconds(
+                "max_batch_delay_ms",
+                self.max_batch_delay_ms.or(file.max_batch_delay_ms),
+            )?
+            .map(|ms| Duration::from_secs_f64(ms / 1e3)),
+            max_queue: positive("max_queue", self.max_queue.or(file.max_queue))?,
+            feature_cache_bytes: self.feature_cache_bytes.or(file.feature_cache_bytes),
+            decode_threads: positive(
+                "decode_threads",
+                self.decode_threads.or(file.decode_threads),
+            )?,
+        };
+        let grpc = GrpcSettings {
+            drain_timeout: seconds("drain_timeout", self.drain_timeout.or(file.drain_timeout))?
+                .map_or(grpc.drain_timeout, Duration::from_secs_f64),
+            ..grpc
+        };
         Ok(ServeConfig {
+            engine,
             models,
             grpc_listen,
             metrics_listen,

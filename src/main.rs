@@ -26,11 +26,14 @@ fn main() -> anyhow::Result<std::process::ExitCode> {
     init_logging(&cli.log_format)?;
     match cli.command {
         Command::Serve(args) => {
-            let config = args.resolve()?;
-            tokio::runtime::Builder::new_multi_thread()
+            let config = (*args).resolve()?;
+            let runtime = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
-                .build()?
-                .block_on(cli::serve::run(config))?;
+                .build()?;
+            let served = runtime.block_on(cli::serve::run(config));
+            // decoding left running by calls abandoned at the drain timeout is not waited for
+            runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+            served?;
         }
         Command::Classify(args) => cli::classify::run(args)?,
         Command::Inspect(args) => cli::inspect::run(args)?,

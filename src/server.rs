@@ -26,6 +26,8 @@ pub struct GrpcSettings {
     pub max_message_bytes: usize,
     /// Classifications running at once before RESOURCE_EXHAUSTED.
     pub max_in_flight: usize,
+    /// How long calls in flight get to finish once shutdown starts.
+    pub drain_timeout: std::time::Duration,
 }
 
 impl Default for GrpcSettings {
@@ -33,6 +35,7 @@ impl Default for GrpcSettings {
         GrpcSettings {
             max_message_bytes: 256 << 20,
             max_in_flight: 16,
+            drain_timeout: std::time::Duration::from_secs(30),
         }
     }
 }
@@ -53,8 +56,9 @@ fn oversized_is_resource_exhausted<B>(
     response
 }
 
-/// Serves `engine` on `listener` until `shutdown` resolves, then lets calls in flight
-/// finish.
+/// Serves `engine` on `listener` until `shutdown` resolves, then drains: health turns
+/// NOT_SERVING, new connections and calls are refused, and calls in flight get up to the
+/// drain timeout to finish.
 pub async fn run(
     engine: Arc<Engine>,
     settings: GrpcSettings,
@@ -62,7 +66,7 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), tonic::transport::Error> {
     let classifier = ClassifierServer::new(ClassifierService::new(
-        engine,
+        engine.clone(),
         settings.max_in_flight.max(1),
     ))
     .max_decoding_message_size(settings.max_message_bytes)
@@ -88,7 +92,8 @@ pub async fn run(
     // (tens of ms per call); larger HTTP/2 windows let a DICOM of tens of MB arrive without
     // stalling on window updates.
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
-    tonic::transport::Server::builder()
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tonic::transport::Server::builder()
         .initial_stream_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
         .layer(tower::util::MapResponseLayer::new(
@@ -98,8 +103,37 @@ pub async fn run(
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(classifier)
-        .serve_with_incoming_shutdown(incoming, shutdown)
-        .await
+        .serve_with_incoming_shutdown(incoming, async {
+            let _ = stopped.await;
+        });
+    tokio::pin!(server);
+    tokio::select! {
+        result = &mut server => return result,
+        () = shutdown => {}
+    }
+    health_reporter
+        .set_not_serving::<ClassifierServer<ClassifierService>>()
+        .await;
+    health_reporter
+        .set_service_status("", tonic_health::ServingStatus::NotServing)
+        .await;
+    let in_flight = engine.stats().in_flight;
+    tracing::info!(
+        in_flight,
+        drain_timeout_s = settings.drain_timeout.as_secs_f64(),
+        "draining: health NOT_SERVING, refusing new calls, finishing calls in flight"
+    );
+    let _ = stop.send(());
+    match tokio::time::timeout(settings.drain_timeout, &mut server).await {
+        Ok(result) => result,
+        Err(_) => {
+            tracing::warn!(
+                still_in_flight = engine.stats().in_flight,
+                "drain timeout passed; abandoning the calls still in flight"
+            );
+            Ok(())
+        }
+    }
 }
 
 /// Serves the admin API (and reflection, for grpcurl) on its own listener until `shutdown`.

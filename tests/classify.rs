@@ -3,29 +3,12 @@
 
 mod common;
 
-use common::{Case, TestServer, fixture, reference};
+use common::{TestServer, fixture, input_of, reference, request};
 use fptserve::decode::Limits;
 use fptserve::proto::v1::classify_request::Input;
 use fptserve::proto::v1::{ClassifyRequest, ListTasksRequest};
 use fptserve::server::GrpcSettings;
 use tonic::Code;
-
-fn request(case_input: Input, tasks: &[&str]) -> ClassifyRequest {
-    ClassifyRequest {
-        input: Some(case_input),
-        tasks: tasks.iter().map(|t| t.to_string()).collect(),
-        ..Default::default()
-    }
-}
-
-fn input_of(case: &Case) -> Input {
-    let bytes = fixture(&case.input);
-    match case.kind.as_str() {
-        "dicom" => Input::Dicom(bytes),
-        "image" => Input::Image(bytes),
-        other => panic!("unknown kind {other}"),
-    }
-}
 
 #[tokio::test]
 async fn every_reference_case_matches_pytorch() {
@@ -101,6 +84,7 @@ async fn tasks_with_the_same_preprocessing_share_one_backbone_run() {
         .into_inner();
     // dr-grade and skin-lesion share mean/std; chest-xray has its own.
     assert_eq!(response.backbone_runs, 2);
+    assert_eq!(response.backbone_cache_hits, 0);
     assert!(response.backbone_features_reused);
     let runs: Vec<u32> = response.results.iter().map(|r| r.backbone_run).collect();
     assert_eq!(runs[0], runs[1]);
@@ -109,7 +93,7 @@ async fn tasks_with_the_same_preprocessing_share_one_backbone_run() {
     let tasks: Vec<&str> = response.results.iter().map(|r| r.task.as_str()).collect();
     assert_eq!(tasks, ["dr-grade", "skin-lesion", "chest-xray", "dr-grade"]);
 
-    // Same answers as one task per call.
+    // Same answers as one task per call (whose features now come from the cache).
     for result in &response.results {
         let pinned = format!("{}@{}", result.task, result.adapter_version);
         let single = client
@@ -120,7 +104,8 @@ async fn tasks_with_the_same_preprocessing_share_one_backbone_run() {
             .await
             .unwrap()
             .into_inner();
-        assert_eq!(single.backbone_runs, 1);
+        assert_eq!((single.backbone_runs, single.backbone_cache_hits), (0, 1));
+        assert_eq!(single.results[0].backbone_batch_size, 0);
         assert!(!single.backbone_features_reused);
         let a: Vec<f32> = result.scores.iter().map(|s| s.probability).collect();
         let b: Vec<f32> = single.results[0]

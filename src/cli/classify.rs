@@ -7,7 +7,7 @@ use anyhow::Context;
 
 use crate::config::ClassifyArgs;
 use crate::decode::Limits;
-use crate::engine::{Engine, Outcome, Payload, Request};
+use crate::engine::{Engine, EngineSettings, Outcome, Payload, Request};
 use crate::registry::Registry;
 
 /// True when the bytes look like a DICOM Part 10 file.
@@ -24,18 +24,26 @@ pub fn run(args: ClassifyArgs) -> anyhow::Result<()> {
     for failure in &loaded.failures {
         eprintln!("skipped {}: {}", failure.path.display(), failure.error);
     }
-    let engine = Engine::new(Arc::new(Registry::new(loaded.snapshot)), Limits::default());
+    let engine = Arc::new(Engine::new(
+        Arc::new(Registry::new(loaded.snapshot)),
+        Limits::default(),
+        EngineSettings::default(),
+    ));
     let payload = if is_dicom(&bytes) {
         Payload::Dicom(bytes)
     } else {
         Payload::Image(bytes)
     };
-    let outcome = engine.classify(Request {
+    let request = Request {
         payload,
         tasks: args.tasks,
         frame: args.frame,
         pixel_policy: None,
-    })?;
+    };
+    let outcome = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?
+        .block_on(engine.classify(request, engine.call(None, None)))?;
     let text = if args.json {
         serde_json::to_string_pretty(&outcome)? + "\n"
     } else {

@@ -67,7 +67,19 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
             interval,
         ));
     }
-    let engine = Arc::new(Engine::new(registry.clone(), config.limits));
+    let gpu = matches!(runtime.device(), crate::runtime::Device::Cuda(_));
+    let settings = config.engine.resolve(gpu);
+    tracing::info!(
+        max_batch_size = settings.batch.max_batch,
+        max_batch_delay_ms = settings.batch.max_delay.as_secs_f64() * 1e3,
+        max_queue = settings.batch.max_queue,
+        feature_cache_bytes = settings.feature_cache_bytes,
+        decode_threads = settings.decode_threads,
+        intra_op_threads = config.models.threads.intra_op,
+        inter_op_threads = config.models.threads.inter_op,
+        "engine"
+    );
+    let engine = Arc::new(Engine::new(registry.clone(), config.limits, settings));
 
     // one shutdown signal for both listeners
     let (stop, stopped) = tokio::sync::watch::channel(false);

@@ -3,12 +3,14 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use tokio::sync::Semaphore;
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
-use crate::engine::{self, ClassifyError, Engine, Outcome, Payload};
+use crate::engine::call::parse_grpc_timeout;
+use crate::engine::{self, CancelOnDrop, ClassifyError, Engine, Outcome, Payload};
 use crate::metrics;
 use crate::proto::v1 as pb;
 use crate::proto::v1::classifier_server::Classifier;
@@ -31,6 +33,18 @@ impl ClassifierService {
             max_in_flight,
         }
     }
+}
+
+/// Answered this long before the client's deadline: tonic enforces the same deadline
+/// itself (answering CANCELLED when it expires), so ours must come first to be
+/// DEADLINE_EXCEEDED, and an answer in the last milliseconds would arrive too late anyway.
+const DEADLINE_MARGIN: Duration = Duration::from_millis(5);
+
+/// When the call must be answered, from its `grpc-timeout` header.
+fn deadline<T>(request: &Request<T>, received: Instant) -> Option<Instant> {
+    let timeout = request.metadata().get("grpc-timeout")?.to_str().ok()?;
+    let timeout = parse_grpc_timeout(timeout)?;
+    Some(received + timeout.saturating_sub(DEADLINE_MARGIN))
 }
 
 fn new_request_id() -> String {
@@ -62,6 +76,7 @@ fn to_proto(outcome: Outcome, request_id: String) -> pb::ClassifyResponse {
                 label: r.label,
                 backbone: r.backbone,
                 backbone_run: r.backbone_run,
+                backbone_batch_size: r.backbone_batch_size,
             })
             .collect(),
         dicom: outcome.dicom.map(|d| pb::DicomIdentifiers {
@@ -74,12 +89,14 @@ fn to_proto(outcome: Outcome, request_id: String) -> pb::ClassifyResponse {
         timings: Some(pb::StageTimings {
             decode_ms: outcome.timings.decode_ms,
             preprocess_ms: outcome.timings.preprocess_ms,
+            queue_ms: outcome.timings.queue_ms,
             backbone_ms: outcome.timings.backbone_ms,
             adapters_ms: outcome.timings.adapters_ms,
             total_ms: outcome.timings.total_ms,
         }),
         backbone_features_reused: outcome.backbone_features_reused,
         backbone_runs: outcome.backbone_runs,
+        backbone_cache_hits: outcome.backbone_cache_hits,
         request_id,
         input: Some(pb::InputInfo {
             width: outcome.input.width,
@@ -98,6 +115,8 @@ impl Classifier for ClassifierService {
         &self,
         request: Request<pb::ClassifyRequest>,
     ) -> Result<Response<pb::ClassifyResponse>, Status> {
+        let received = Instant::now();
+        let deadline = deadline(&request, received);
         let request = request.into_inner();
         let request_id = if request.request_id.is_empty() {
             new_request_id()
@@ -112,7 +131,7 @@ impl Classifier for ClassifierService {
         };
         let span = tracing::info_span!("classify", request_id = %request_id);
         let result = async {
-            let permit = self.in_flight.clone().try_acquire_owned().map_err(|_| {
+            let slot = self.in_flight.clone().try_acquire_owned().map_err(|_| {
                 Status::resource_exhausted(format!(
                     "server busy: {} classifications in flight; retry with backoff",
                     self.max_in_flight
@@ -135,13 +154,23 @@ impl Classifier for ClassifierService {
                     allow_request_override: false,
                 }),
             };
-            let engine = self.engine.clone();
-            let outcome = tokio::task::spawn_blocking(move || {
-                let _permit = permit;
-                engine.classify(engine_request)
-            })
-            .await
-            .map_err(|e| Status::internal(format!("classification task failed: {e}")))??;
+            // The call holds its admission slot until its last queued work is gone; if
+            // the client goes away, tonic drops this future and the guard cancels it.
+            let call = self.engine.call(deadline, Some(slot));
+            let guard = CancelOnDrop::new(&call);
+            let work = self.engine.classify(engine_request, call.clone());
+            let outcome = match deadline {
+                Some(deadline) => tokio::select! {
+                    outcome = work => outcome,
+                    _ = tokio::time::sleep_until(deadline.into()) => {
+                        Err(ClassifyError::Abandoned(engine::Abandoned::Deadline))
+                    }
+                },
+                None => work.await,
+            };
+            drop(call);
+            let outcome = outcome?;
+            guard.finish();
             tracing::info!(
                 tasks = outcome.results.len(),
                 backbone_runs = outcome.backbone_runs,

@@ -4,7 +4,7 @@
 use tonic::{Code, Status};
 
 use crate::decode::DecodeError;
-use crate::engine::ClassifyError;
+use crate::engine::{Abandoned, ClassifyError};
 use crate::model::ModelError;
 use crate::registry::ResolveError;
 
@@ -29,6 +29,11 @@ impl From<ClassifyError> for Status {
                 DecodeError::TooLarge(_) => Code::ResourceExhausted,
             },
             ClassifyError::Reload { .. } => Code::Unavailable,
+            ClassifyError::QueueFull { .. } => Code::ResourceExhausted,
+            ClassifyError::Abandoned(a) => match a {
+                Abandoned::Deadline => Code::DeadlineExceeded,
+                Abandoned::Cancelled => Code::Cancelled,
+            },
             ClassifyError::Model(m) => match m {
                 ModelError::Inference { .. } => Code::Internal,
                 _ => Code::FailedPrecondition,

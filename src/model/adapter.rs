@@ -8,7 +8,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use ort::value::TensorRef;
 
-use super::backbone::{Backbone, Features};
+use super::backbone::{Backbone, Features, KvData};
 use super::{Model, ModelError};
 use crate::preprocess::Normalization;
 use crate::registry::Reloader;
@@ -250,33 +250,59 @@ impl Adapter {
         }
     }
 
-    /// Runs the side network: `side_pixels` is `[1, 3, h, w]` for its side size.
-    /// Returns the logits.
+    /// Runs the side network on one image: `side_pixels` is `[1, 3, h, w]` for its side
+    /// size. Returns the logits.
     pub fn run(&self, side_pixels: &[f32], features: &Features) -> Result<Vec<f32>, ModelError> {
+        let mut logits = self.run_batch(&[(side_pixels, features)])?;
+        Ok(logits.pop().expect("one image in, one out"))
+    }
+
+    /// Runs the side network once on several images (their side pixels and K/V stacked
+    /// into one batch); returns each image's logits, in order.
+    pub fn run_batch(&self, images: &[(&[f32], &Features)]) -> Result<Vec<Vec<f32>>, ModelError> {
+        let n = images.len();
         let [h, w] = self.manifest.preprocessing.side_size.map(|v| v as usize);
-        let input = TensorRef::from_array_view(([1usize, 3, h, w], side_pixels))
-            .map_err(|e| self.model.inference_error(e))?;
+        let Some((_, first)) = images.first() else {
+            return Ok(Vec::new());
+        };
+        let [_, layers, heads, k, d] = first.shape;
+        let kv_shape = vec![n, layers, heads, k, d];
+        let error = |e: ort::Error| self.model.inference_error(e);
+        // one image: its buffers as they are; several: stacked copies
+        let stacked;
+        let (pixels, key, value) = if n == 1 {
+            (images[0].0, &first.key, &first.value)
+        } else {
+            stacked = (
+                images
+                    .iter()
+                    .flat_map(|(p, _)| p.iter().copied())
+                    .collect::<Vec<f32>>(),
+                KvData::concat(images.iter().map(|(_, f)| &f.key)),
+                KvData::concat(images.iter().map(|(_, f)| &f.value)),
+            );
+            (stacked.0.as_slice(), &stacked.1, &stacked.2)
+        };
+        let input = TensorRef::from_array_view(([n, 3, h, w], pixels)).map_err(error)?;
         let mut session = self.model.lock();
         let outputs = session
             .run(ort::inputs![
                 "side_pixel_values" => input,
-                "key_states" => &features.key,
-                "value_states" => &features.value,
+                "key_states" => key.view(kv_shape.clone()).map_err(error)?,
+                "value_states" => value.view(kv_shape).map_err(error)?,
             ])
-            .map_err(|e| self.model.inference_error(e))?;
+            .map_err(error)?;
         let logits = outputs
             .get("logits")
             .ok_or_else(|| self.model.inference_error("no output logits"))?;
-        let (_, data) = logits
-            .try_extract_tensor::<f32>()
-            .map_err(|e| self.model.inference_error(e))?;
-        if data.len() != self.manifest.classes.len() {
+        let (_, data) = logits.try_extract_tensor::<f32>().map_err(error)?;
+        let classes = self.manifest.classes.len();
+        if data.len() != n * classes {
             return Err(self.model.inference_error(format!(
-                "logits hold {} values for {} classes",
+                "logits hold {} values for {n} images of {classes} classes",
                 data.len(),
-                self.manifest.classes.len()
             )));
         }
-        Ok(data.to_vec())
+        Ok(data.chunks(classes).map(<[f32]>::to_vec).collect())
     }
 }

@@ -5,7 +5,9 @@
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use ort::value::{DynValue, Tensor};
+use half::f16;
+use ort::session::SessionInputValue;
+use ort::value::{DynValue, Tensor, TensorRef, ValueType};
 
 use super::{Model, ModelError};
 use crate::repository::manifest::{BackboneManifest, BackboneRef};
@@ -20,13 +22,110 @@ pub struct Backbone {
     warm: Mutex<Option<Arc<Features>>>,
 }
 
-/// The K/V a backbone run produced for one image, kept in ONNX Runtime values so they
-/// go to the side networks as they are (f32 or f16).
+/// K/V values on the host, in the element type the backbone exports.
+#[derive(Clone)]
+pub enum KvData {
+    /// `float32` K/V.
+    F32(Vec<f32>),
+    /// `float16` K/V (a backbone exported for the GPU).
+    F16(Vec<f16>),
+}
+
+impl KvData {
+    fn len(&self) -> usize {
+        match self {
+            KvData::F32(v) => v.len(),
+            KvData::F16(v) => v.len(),
+        }
+    }
+
+    fn bytes(&self) -> usize {
+        match self {
+            KvData::F32(v) => v.len() * 4,
+            KvData::F16(v) => v.len() * 2,
+        }
+    }
+
+    /// Several images' K/V one after another: a batch for a side network.
+    pub fn concat<'a>(parts: impl IntoIterator<Item = &'a KvData>) -> KvData {
+        let mut parts = parts.into_iter();
+        let mut out = match parts.next() {
+            Some(first) => first.clone(),
+            None => return KvData::F32(Vec::new()),
+        };
+        for part in parts {
+            match (&mut out, part) {
+                (KvData::F32(o), KvData::F32(p)) => o.extend_from_slice(p),
+                (KvData::F16(o), KvData::F16(p)) => o.extend_from_slice(p),
+                // one backbone exports one dtype; adapters are grouped per backbone
+                _ => unreachable!("K/V of one backbone share one dtype"),
+            }
+        }
+        out
+    }
+
+    /// A view as an ONNX Runtime input of `shape`.
+    pub fn view(&self, shape: Vec<usize>) -> ort::Result<SessionInputValue<'_>> {
+        Ok(match self {
+            KvData::F32(v) => TensorRef::from_array_view((shape, v.as_slice()))?.into(),
+            KvData::F16(v) => TensorRef::from_array_view((shape, v.as_slice()))?.into(),
+        })
+    }
+
+    /// Splits a batch output into one part per image.
+    fn split(value: &DynValue, images: usize) -> Result<Vec<KvData>, String> {
+        fn chunks<T: Clone>(data: &[T], images: usize) -> Vec<Vec<T>> {
+            let per = data.len() / images.max(1);
+            data.chunks(per.max(1)).map(<[T]>::to_vec).collect()
+        }
+        let parts = match value.try_extract_tensor::<f32>() {
+            Ok((_, data)) => chunks(data, images).into_iter().map(KvData::F32).collect(),
+            Err(_) => {
+                let (_, data) = value
+                    .try_extract_tensor::<f16>()
+                    .map_err(|e| format!("K/V are neither float32 nor float16: {e}"))?;
+                chunks(data, images)
+                    .into_iter()
+                    .map(KvData::F16)
+                    .collect::<Vec<_>>()
+            }
+        };
+        if parts.len() != images {
+            return Err(format!(
+                "K/V hold {} images, expected {images}",
+                parts.len()
+            ));
+        }
+        Ok(parts)
+    }
+}
+
+/// The K/V a backbone run produced for one image, on the host: shareable between
+/// requests (feature cache) and stackable into side-network batches.
 pub struct Features {
-    /// `key_states`, `[1, layers, heads, k, head_dim]`.
-    pub key: DynValue,
-    /// `value_states`, same shape.
-    pub value: DynValue,
+    /// `[1, layers, heads, k, head_dim]`.
+    pub shape: [usize; 5],
+    /// `key_states` of the image.
+    pub key: KvData,
+    /// `value_states` of the image.
+    pub value: KvData,
+}
+
+impl Features {
+    /// Memory its K/V take.
+    pub fn bytes(&self) -> usize {
+        self.key.bytes() + self.value.bytes()
+    }
+
+    /// Values per image in each of K and V.
+    pub fn len(&self) -> usize {
+        self.key.len()
+    }
+
+    /// Always false: a backbone produces at least one token.
+    pub fn is_empty(&self) -> bool {
+        self.key.len() == 0
+    }
 }
 
 impl Backbone {
@@ -66,7 +165,11 @@ impl Backbone {
             return Ok(features.clone());
         }
         let [h, w] = self.input_size;
-        let features = Arc::new(self.run(vec![0.0; 3 * h * w])?);
+        let features: Arc<Features> = self
+            .run_batch(vec![0.0; 3 * h * w], 1)?
+            .pop()
+            .expect("one image in, one out")
+            .into();
         *slot = Some(features.clone());
         Ok(features)
     }
@@ -91,23 +194,43 @@ impl Backbone {
         self.input_size
     }
 
-    /// Runs one image, `pixels` being a `[1, 3, height, width]` normalised tensor.
-    pub fn run(&self, pixels: Vec<f32>) -> Result<Features, ModelError> {
+    /// Runs `images` images at once, `pixels` being their `[images, 3, height, width]`
+    /// normalised tensor; returns each image's features, in order.
+    pub fn run_batch(&self, pixels: Vec<f32>, images: usize) -> Result<Vec<Features>, ModelError> {
         let [h, w] = self.input_size;
-        let input = Tensor::from_array(([1usize, 3, h, w], pixels))
+        let input = Tensor::from_array(([images, 3, h, w], pixels))
             .map_err(|e| self.model.inference_error(e))?;
         let mut session = self.model.lock();
         let mut outputs = session
             .run(ort::inputs!["pixel_values" => input])
             .map_err(|e| self.model.inference_error(e))?;
         let mut take = |name: &str| {
-            outputs
+            let value = outputs
                 .remove(name)
-                .ok_or_else(|| self.model.inference_error(format!("no output {name}")))
+                .ok_or_else(|| self.model.inference_error(format!("no output {name}")))?;
+            let shape = match value.dtype() {
+                ValueType::Tensor { shape, .. } => shape.iter().map(|&d| d as usize).collect(),
+                _ => Vec::new(),
+            };
+            let parts = KvData::split(&value, images).map_err(|e| self.model.inference_error(e))?;
+            Ok::<_, ModelError>((shape, parts))
         };
-        Ok(Features {
-            key: take("key_states")?,
-            value: take("value_states")?,
-        })
+        let (shape, keys) = take("key_states")?;
+        let (_, values) = take("value_states")?;
+        drop(outputs);
+        drop(session);
+        let shape: [usize; 5] = match shape.as_slice() {
+            [n, l, h, k, d] if *n == images => [1, *l, *h, *k, *d],
+            other => {
+                return Err(self.model.inference_error(format!(
+                    "key_states has shape {other:?}, expected 5 dimensions"
+                )));
+            }
+        };
+        Ok(keys
+            .into_iter()
+            .zip(values)
+            .map(|(key, value)| Features { shape, key, value })
+            .collect())
     }
 }

@@ -7,11 +7,13 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use fptserve::decode::Limits;
-use fptserve::engine::Engine;
+use fptserve::engine::{Engine, EngineSettings};
 use fptserve::grpc::admin::{AdminService, AllowedRoots, BearerToken};
 use fptserve::model::adapter::Adapter;
+use fptserve::proto::v1::ClassifyRequest;
 use fptserve::proto::v1::admin_client::AdminClient;
 use fptserve::proto::v1::classifier_client::ClassifierClient;
+use fptserve::proto::v1::classify_request::Input;
 use fptserve::registry::{Budget, Registry};
 use fptserve::repository::{self, LoadFailure};
 use fptserve::runtime::{Device, Runtime, Threads};
@@ -74,6 +76,8 @@ pub struct TestServer {
     pub failures: Vec<LoadFailure>,
     /// Where the admin API listens, when started with it.
     pub admin_addr: Option<SocketAddr>,
+    /// The engine it serves (for its counters).
+    pub engine: Arc<Engine>,
     shutdown: Option<oneshot::Sender<()>>,
 }
 
@@ -88,17 +92,40 @@ impl Drop for TestServer {
 impl TestServer {
     /// Starts the server over `repository` with the given settings.
     pub async fn start_with(repository: &Path, settings: GrpcSettings, limits: Limits) -> Self {
+        Self::start_engine(repository, settings, limits, EngineSettings::default()).await
+    }
+
+    /// Starts the server over the demo repository with these engine settings.
+    pub async fn start_demo_engine(engine: EngineSettings) -> Self {
+        Self::start_engine(
+            &demo_repository(),
+            GrpcSettings::default(),
+            Limits::default(),
+            engine,
+        )
+        .await
+    }
+
+    /// Starts the server over `repository` with every setting given.
+    pub async fn start_engine(
+        repository: &Path,
+        settings: GrpcSettings,
+        limits: Limits,
+        engine_settings: EngineSettings,
+    ) -> Self {
         let runtime = runtime();
         let loaded = repository::load(repository, &runtime).expect("repository loads");
         let engine = Arc::new(Engine::new(
             Arc::new(Registry::new(loaded.snapshot)),
             limits,
+            engine_settings,
         ));
+        let served = engine.clone();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (tx, rx) = oneshot::channel::<()>();
         tokio::spawn(async move {
-            server::run(engine, settings, listener, async {
+            server::run(served, settings, listener, async {
                 let _ = rx.await;
             })
             .await
@@ -108,6 +135,7 @@ impl TestServer {
             addr,
             failures: loaded.failures,
             admin_addr: None,
+            engine,
             shutdown: Some(tx),
         }
     }
@@ -152,7 +180,12 @@ impl TestServer {
                 interval,
             ));
         }
-        let engine = Arc::new(Engine::new(registry.clone(), Limits::default()));
+        let engine = Arc::new(Engine::new(
+            registry.clone(),
+            Limits::default(),
+            EngineSettings::default(),
+        ));
+        let served = engine.clone();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let admin_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -162,7 +195,7 @@ impl TestServer {
         let (tx, rx) = oneshot::channel::<()>();
         let (admin_tx, admin_rx) = oneshot::channel::<()>();
         tokio::spawn(async move {
-            server::run(engine, GrpcSettings::default(), listener, async {
+            server::run(served, GrpcSettings::default(), listener, async {
                 let _ = rx.await;
                 let _ = admin_tx.send(());
             })
@@ -181,6 +214,7 @@ impl TestServer {
             addr,
             failures: loaded.failures,
             admin_addr: Some(admin_addr),
+            engine,
             shutdown: Some(tx),
         }
     }
@@ -255,6 +289,25 @@ pub struct Case {
     pub series_instance_uid: Option<String>,
     /// (0008,0018).
     pub sop_instance_uid: Option<String>,
+}
+
+/// A Classify request for `tasks` on `input`.
+pub fn request(input: Input, tasks: &[&str]) -> ClassifyRequest {
+    ClassifyRequest {
+        input: Some(input),
+        tasks: tasks.iter().map(|t| t.to_string()).collect(),
+        ..Default::default()
+    }
+}
+
+/// A reference case's input file as a request input.
+pub fn input_of(case: &Case) -> Input {
+    let bytes = fixture(&case.input);
+    match case.kind.as_str() {
+        "dicom" => Input::Dicom(bytes),
+        "image" => Input::Image(bytes),
+        other => panic!("unknown kind {other}"),
+    }
 }
 
 /// Loads the reference numbers.

@@ -1,0 +1,345 @@
+//! Dynamic batching of backbone runs: one queue and one worker thread per backbone.
+//!
+//! Calls put one job per image (and preprocessing key) in the backbone's queue. The worker
+//! takes the oldest job, then whatever else arrives until the batch is full or the oldest
+//! job has waited the maximum delay, drops jobs whose call was cancelled or whose deadline
+//! passed, runs the backbone once on the rest (identical inputs once), and then each
+//! adapter version once on all the batch's images that asked for it. Jobs for different
+//! tasks share batches: the backbone does not depend on the task.
+//!
+//! The queue is bounded: a full queue refuses the job at once (RESOURCE_EXHAUSTED), so
+//! memory never grows with load.
+
+use std::sync::Arc;
+use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::time::{Duration, Instant};
+
+use tokio::sync::oneshot;
+
+use super::cache::{CacheKey, FeatureCache};
+use super::call::{Abandoned, Call};
+use super::stats::Stats;
+use crate::metrics;
+use crate::model::ModelError;
+use crate::model::adapter::Adapter;
+use crate::model::backbone::{Backbone, Features};
+
+/// How batches are formed.
+#[derive(Clone, Copy, Debug)]
+pub struct BatchSettings {
+    /// Most images in one backbone run (1 = no batching).
+    pub max_batch: usize,
+    /// Longest the oldest job in a forming batch waits for more.
+    pub max_delay: Duration,
+    /// Most jobs waiting per backbone; more are refused.
+    pub max_queue: usize,
+}
+
+impl BatchSettings {
+    /// Defaults for the device: on a CPU a backbone run is compute-bound and larger
+    /// batches barely raise throughput, so no added delay (a batch is what queued while
+    /// the previous one ran); on a GPU, batches of up to 32 with a 2 ms wait.
+    pub fn for_device(gpu: bool) -> Self {
+        if gpu {
+            BatchSettings {
+                max_batch: 32,
+                max_delay: Duration::from_millis(2),
+                max_queue: 256,
+            }
+        } else {
+            BatchSettings {
+                max_batch: 8,
+                max_delay: Duration::ZERO,
+                max_queue: 64,
+            }
+        }
+    }
+}
+
+/// A side network waiting on a job's features.
+#[derive(Clone)]
+pub struct SideWork {
+    /// The adapter version.
+    pub adapter: Arc<Adapter>,
+    /// Its `[1, 3, h, w]` side input.
+    pub pixels: Arc<Vec<f32>>,
+}
+
+/// One image's backbone work.
+pub struct Job {
+    /// The call it belongs to (its deadline, cancellation and admission slot).
+    pub call: Arc<Call>,
+    /// Its feature-cache key.
+    pub key: CacheKey,
+    /// The `[1, 3, h, w]` backbone input.
+    pub pixels: Vec<f32>,
+    /// Side networks to run on its features, in the call's order.
+    pub sides: Vec<SideWork>,
+    /// When it was queued.
+    pub queued_at: Instant,
+    /// Where the result goes.
+    pub reply: oneshot::Sender<Result<JobOutput, JobError>>,
+}
+
+/// What a job produced.
+pub struct JobOutput {
+    /// The image's K/V.
+    pub features: Arc<Features>,
+    /// Logits per side network, in the job's order.
+    pub logits: Vec<Result<Vec<f32>, ModelError>>,
+    /// Images in the backbone run that made the features (0: from the cache).
+    pub batch_size: usize,
+    /// Time in the queue.
+    pub queue_ms: f64,
+    /// The backbone run (shared with the batch).
+    pub backbone_ms: f64,
+    /// The side networks' runs (shared with the batch's images on the same adapters).
+    pub adapters_ms: f64,
+}
+
+/// Why a job produced nothing.
+#[derive(Debug, thiserror::Error)]
+pub enum JobError {
+    /// Dropped unrun.
+    #[error(transparent)]
+    Abandoned(#[from] Abandoned),
+    /// The backbone run failed.
+    #[error(transparent)]
+    Model(ModelError),
+}
+
+/// The queue was full.
+#[derive(Debug)]
+pub struct QueueFull {
+    /// Its bound.
+    pub capacity: usize,
+}
+
+/// The queue and worker of one backbone.
+pub struct Batcher {
+    sender: SyncSender<Job>,
+    stats: Arc<Stats>,
+    capacity: usize,
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+impl Batcher {
+    /// Starts the worker thread for `backbone`; it ends when the batcher is dropped.
+    pub fn start(
+        backbone: Arc<Backbone>,
+        settings: BatchSettings,
+        cache: Arc<FeatureCache>,
+        stats: Arc<Stats>,
+    ) -> Self {
+        let (sender, receiver) = std::sync::mpsc::sync_channel(settings.max_queue.max(1));
+        let worker = Worker {
+            backbone,
+            settings,
+            cache,
+            stats: stats.clone(),
+        };
+        std::thread::Builder::new()
+            .name("fptserve-batcher".into())
+            .spawn(move || worker.run(receiver))
+            .expect("spawning the batcher thread");
+        Batcher {
+            sender,
+            stats,
+            capacity: settings.max_queue.max(1),
+        }
+    }
+
+    /// Queues `job`, or refuses it at once when the queue is full.
+    pub fn submit(&self, job: Job) -> Result<(), QueueFull> {
+        self.stats.queued(1);
+        match self.sender.try_send(job) {
+            Ok(()) => Ok(()),
+            Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
+                self.stats.queued(-1);
+                self.stats.queue_full();
+                Err(QueueFull {
+                    capacity: self.capacity,
+                })
+            }
+        }
+    }
+}
+
+struct Worker {
+    backbone: Arc<Backbone>,
+    settings: BatchSettings,
+    cache: Arc<FeatureCache>,
+    stats: Arc<Stats>,
+}
+
+impl Worker {
+    fn run(self, queue: Receiver<Job>) {
+        while let Ok(first) = queue.recv() {
+            self.stats.queued(-1);
+            let close = first.queued_at + self.settings.max_delay;
+            let mut batch = vec![first];
+            while batch.len() < self.settings.max_batch {
+                let wait = close.saturating_duration_since(Instant::now());
+                let next = if wait.is_zero() {
+                    queue.try_recv().map_err(|_| RecvTimeoutError::Timeout)
+                } else {
+                    queue.recv_timeout(wait)
+                };
+                match next {
+                    Ok(job) => {
+                        self.stats.queued(-1);
+                        batch.push(job);
+                    }
+                    Err(_) => break,
+                }
+            }
+            self.run_batch(batch);
+        }
+    }
+
+    fn run_batch(&self, batch: Vec<Job>) {
+        let started = Instant::now();
+        // drop work nobody waits for, and answer what another batch just computed
+        let mut live = Vec::with_capacity(batch.len());
+        let mut ready: Vec<(Job, Arc<Features>)> = Vec::new();
+        for job in batch {
+            if let Err(reason) = job.call.check() {
+                self.stats.dropped(reason);
+                let _ = job.reply.send(Err(reason.into()));
+            } else if let Some(features) = self.cache.get(&job.key) {
+                self.stats.cache(true);
+                ready.push((job, features));
+            } else {
+                live.push(job);
+            }
+        }
+        for job in ready.iter().map(|(job, _)| job).chain(&live) {
+            metrics::stage(
+                "queue",
+                ms(started.saturating_duration_since(job.queued_at)),
+            );
+        }
+
+        // identical inputs (same key) run once
+        let mut rows: Vec<usize> = Vec::with_capacity(live.len());
+        let mut keys: Vec<CacheKey> = Vec::new();
+        for job in &live {
+            let row = keys.iter().position(|k| *k == job.key).unwrap_or_else(|| {
+                keys.push(job.key);
+                keys.len() - 1
+            });
+            rows.push(row);
+        }
+        let mut backbone_ms = 0.0;
+        let mut computed: Vec<(Job, Arc<Features>, usize)> = Vec::new();
+        if !live.is_empty() {
+            let per_image = live[0].pixels.len();
+            let mut pixels = Vec::with_capacity(per_image * keys.len());
+            for (i, job) in live.iter().enumerate() {
+                if !rows[..i].contains(&rows[i]) {
+                    pixels.extend_from_slice(&job.pixels);
+                }
+            }
+            let t = Instant::now();
+            let result = self.backbone.run_batch(pixels, keys.len());
+            backbone_ms = ms(t.elapsed());
+            metrics::stage("backbone", backbone_ms);
+            match result {
+                Ok(features) => {
+                    self.stats.backbone_batch(keys.len());
+                    let features: Vec<Arc<Features>> = features.into_iter().map(Arc::new).collect();
+                    for (key, f) in keys.iter().zip(&features) {
+                        self.cache.insert(*key, f.clone());
+                    }
+                    for (job, row) in live.into_iter().zip(rows) {
+                        computed.push((job, features[row].clone(), keys.len()));
+                    }
+                }
+                Err(e) => {
+                    let message = e.to_string();
+                    for job in live {
+                        let _ = job.reply.send(Err(JobError::Model(ModelError::Inference {
+                            model: self.backbone.identity().name,
+                            message: message.clone(),
+                        })));
+                    }
+                }
+            }
+        }
+
+        let jobs: Vec<(Job, Arc<Features>, usize)> = ready
+            .into_iter()
+            .map(|(job, f)| (job, f, 0))
+            .chain(computed)
+            .collect();
+        let work: Vec<(&SideWork, &Arc<Features>)> = jobs
+            .iter()
+            .flat_map(|(job, f, _)| job.sides.iter().map(move |s| (s, f)))
+            .collect();
+        let t = Instant::now();
+        let mut logits = run_sides(&work).into_iter();
+        let adapters_ms = ms(t.elapsed());
+        for (job, features, batch_size) in jobs {
+            let queue_ms = ms(started.saturating_duration_since(job.queued_at));
+            let mine: Vec<_> = logits.by_ref().take(job.sides.len()).collect();
+            let _ = job.reply.send(Ok(JobOutput {
+                features,
+                logits: mine,
+                batch_size,
+                queue_ms,
+                backbone_ms: if batch_size > 0 { backbone_ms } else { 0.0 },
+                adapters_ms,
+            }));
+        }
+    }
+}
+
+/// Runs side networks, each adapter version once on all the images that asked for it;
+/// returns the logits in `work`'s order.
+pub fn run_sides(work: &[(&SideWork, &Arc<Features>)]) -> Vec<Result<Vec<f32>, ModelError>> {
+    let mut results: Vec<Option<Result<Vec<f32>, ModelError>>> =
+        (0..work.len()).map(|_| None).collect();
+    let mut done = vec![false; work.len()];
+    for i in 0..work.len() {
+        if done[i] {
+            continue;
+        }
+        let adapter = &work[i].0.adapter;
+        let group: Vec<usize> = (i..work.len())
+            .filter(|&j| !done[j] && Arc::ptr_eq(&work[j].0.adapter, adapter))
+            .collect();
+        let inputs: Vec<(&[f32], &Features)> = group
+            .iter()
+            .map(|&j| (work[j].0.pixels.as_slice(), work[j].1.as_ref()))
+            .collect();
+        let t = Instant::now();
+        let outcome = adapter.run_batch(&inputs);
+        metrics::stage("adapter", ms(t.elapsed()));
+        match outcome {
+            Ok(logits) => {
+                for (&j, l) in group.iter().zip(logits) {
+                    results[j] = Some(Ok(l));
+                }
+            }
+            Err(e) => {
+                let message = e.to_string();
+                for &j in &group {
+                    results[j] = Some(Err(ModelError::Inference {
+                        model: format!("{}@{}", adapter.task(), adapter.version()),
+                        message: message.clone(),
+                    }));
+                }
+            }
+        }
+        for &j in &group {
+            done[j] = true;
+        }
+    }
+    results
+        .into_iter()
+        .map(|r| r.expect("every side run has a result"))
+        .collect()
+}

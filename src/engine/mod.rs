@@ -1,0 +1,680 @@
+//! The request path: decode once (on the bounded decode pool), preprocess once per
+//! distinct preprocessing key among the requested tasks, take the backbone's features from
+//! the [`cache`] or queue the image for a [`batcher`] run shared with other calls, then
+//! each task's adapter. A [`call`] carries the deadline and cancellation that let queued
+//! work be dropped before it costs anything.
+//!
+//! Decoding and ONNX Runtime are blocking: they run on `spawn_blocking` threads and the
+//! batchers' own threads, never on the async executor's.
+
+pub mod batcher;
+pub mod cache;
+pub mod call;
+pub mod stats;
+
+use std::borrow::Cow;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use serde::Serialize;
+use tokio::sync::{Semaphore, oneshot};
+
+pub use self::batcher::BatchSettings;
+use self::batcher::{Batcher, Job, JobError, JobOutput, SideWork};
+use self::cache::{CacheKey, FeatureCache};
+pub use self::call::{Abandoned, Call, CancelOnDrop};
+use self::stats::Stats;
+pub use self::stats::StatsSnapshot;
+use crate::decode::{self, DecodeError, DicomIdentifiers, InputInfo, Limits};
+use crate::metrics;
+use crate::model::ModelError;
+use crate::model::adapter::Adapter;
+use crate::model::backbone::{Backbone, Features};
+use crate::preprocess::{self, RgbImage};
+use crate::registry::{Registry, ResolveError};
+use crate::repository::manifest::DicomPolicy;
+
+/// How the engine schedules work.
+#[derive(Clone, Copy, Debug)]
+pub struct EngineSettings {
+    /// Backbone batching and its queue bound.
+    pub batch: BatchSettings,
+    /// Byte budget of the backbone feature cache (0 = off).
+    pub feature_cache_bytes: usize,
+    /// Calls decoding and preprocessing at once.
+    pub decode_threads: usize,
+}
+
+/// One per core, at least one.
+pub fn cores() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+impl EngineSettings {
+    /// Defaults for a CPU or GPU: [`BatchSettings::for_device`], a 256 MiB feature cache
+    /// (33 ViT-B/16@512 images in fp32) and one decode thread per core.
+    pub fn for_device(gpu: bool) -> Self {
+        EngineSettings {
+            batch: BatchSettings::for_device(gpu),
+            feature_cache_bytes: 256 << 20,
+            decode_threads: cores(),
+        }
+    }
+}
+
+impl Default for EngineSettings {
+    fn default() -> Self {
+        Self::for_device(false)
+    }
+}
+
+/// Most tasks one call may ask for.
+pub const MAX_TASKS_PER_REQUEST: usize = 64;
+
+/// The image payload of a request.
+pub enum Payload {
+    /// A DICOM Part 10 file.
+    Dicom(Vec<u8>),
+    /// A PNG, JPEG or TIFF file.
+    Image(Vec<u8>),
+}
+
+/// One classification request.
+pub struct Request {
+    /// The image.
+    pub payload: Payload,
+    /// Task references (`name` or `name@version`).
+    pub tasks: Vec<String>,
+    /// Frame index for multi-frame DICOM.
+    pub frame: u32,
+    /// Replaces the tasks' DICOM pixel policy, where their manifests allow it.
+    pub pixel_policy: Option<DicomPolicy>,
+}
+
+/// Why a request failed; mapped to a gRPC status in `grpc::status`.
+#[derive(Debug, thiserror::Error)]
+pub enum ClassifyError {
+    /// The request names no task.
+    #[error("no tasks given: name at least one task (see ListTasks)")]
+    NoTasks,
+    /// More tasks than [`MAX_TASKS_PER_REQUEST`].
+    #[error("{0} tasks requested; at most {MAX_TASKS_PER_REQUEST} per call")]
+    TooManyTasks(usize),
+    /// The request carries no image.
+    #[error("no input: set either dicom or image")]
+    NoInput,
+    /// A task reference does not resolve.
+    #[error(transparent)]
+    Resolve(#[from] ResolveError),
+    /// The payload could not be decoded.
+    #[error(transparent)]
+    Decode(#[from] DecodeError),
+    /// A model failed to run.
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    /// The request's pixel policy is invalid or not allowed for a task.
+    #[error("{0}")]
+    PixelPolicy(String),
+    /// Its work was dropped: deadline passed or cancelled.
+    #[error(transparent)]
+    Abandoned(#[from] Abandoned),
+    /// The backbone queue is full.
+    #[error("server busy: the backbone queue holds {capacity} images; retry with backoff")]
+    QueueFull {
+        /// The queue's bound.
+        capacity: usize,
+    },
+    /// An adapter evicted under the budget could not be loaded again.
+    #[error("{task} was evicted under the adapter budget and does not load again: {reason}")]
+    Reload {
+        /// The task reference.
+        task: String,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// One class's score.
+#[derive(Clone, Debug, Serialize)]
+pub struct ClassScore {
+    /// Class name.
+    pub name: String,
+    /// Softmax probability.
+    pub probability: f32,
+    /// Raw logit.
+    pub logit: f32,
+}
+
+/// One task's answer.
+#[derive(Clone, Debug, Serialize)]
+pub struct TaskOutcome {
+    /// Task name.
+    pub task: String,
+    /// Adapter version that answered.
+    pub adapter_version: String,
+    /// Backbone name.
+    pub backbone: String,
+    /// Scores in class index order.
+    pub scores: Vec<ClassScore>,
+    /// Most probable class.
+    pub label: String,
+    /// Index of the backbone pass used, within this call.
+    pub backbone_run: u32,
+    /// Images in the backbone batch that computed its features (0: from the cache).
+    pub backbone_batch_size: u32,
+}
+
+/// Wall time per stage, in milliseconds.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Timings {
+    /// Decoding the payload.
+    pub decode_ms: f64,
+    /// Rendering, resizing and normalising.
+    pub preprocess_ms: f64,
+    /// Waiting in the backbone queue (the longest of the call's images).
+    pub queue_ms: f64,
+    /// Backbone runs (shared with the other images of their batches).
+    pub backbone_ms: f64,
+    /// Side network runs.
+    pub adapters_ms: f64,
+    /// Everything.
+    pub total_ms: f64,
+}
+
+/// A request's answer.
+#[derive(Clone, Debug, Serialize)]
+pub struct Outcome {
+    /// In request order.
+    pub results: Vec<TaskOutcome>,
+    /// What was decoded.
+    pub input: InputInfo,
+    /// DICOM UIDs, for DICOM input.
+    pub dicom: Option<DicomIdentifiers>,
+    /// Stage timings.
+    pub timings: Timings,
+    /// Backbone passes this call needed computed (cache hits not counted).
+    pub backbone_runs: u32,
+    /// Backbone passes answered from the feature cache.
+    pub backbone_cache_hits: u32,
+    /// Some task used features computed for another task of the call.
+    pub backbone_features_reused: bool,
+}
+
+/// What makes two tasks' backbone inputs identical: same backbone, same normalisation,
+/// same DICOM pixel policy (the backbone size is fixed by the backbone).
+#[derive(PartialEq)]
+struct BackboneKey {
+    backbone: String,
+    mean: [u32; 3],
+    std: [u32; 3],
+    policy: DicomPolicy,
+}
+
+/// What makes two tasks' side inputs identical.
+#[derive(PartialEq)]
+struct SideKey {
+    size: [u32; 2],
+    mean: [u32; 3],
+    std: [u32; 3],
+    policy: DicomPolicy,
+}
+
+fn bits(v: [f32; 3]) -> [u32; 3] {
+    v.map(f32::to_bits)
+}
+
+fn ms(since: Instant) -> f64 {
+    since.elapsed().as_secs_f64() * 1e3
+}
+
+/// Softmax in f64 (stable for any logit range), rounded to f32 at the end.
+pub fn softmax(logits: &[f32]) -> Vec<f32> {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let exps: Vec<f64> = logits
+        .iter()
+        .map(|&l| (f64::from(l) - f64::from(max)).exp())
+        .collect();
+    let sum: f64 = exps.iter().sum();
+    exps.iter().map(|e| (e / sum) as f32).collect()
+}
+
+/// One backbone input of a call and the side networks that wait on its features.
+struct Pass {
+    key: BackboneKey,
+    backbone: Arc<Backbone>,
+    pixels: Vec<f32>,
+    cache_key: CacheKey,
+    cached: Option<Arc<Features>>,
+    sides: Vec<SideWork>,
+}
+
+/// A call after decoding and preprocessing: ready for the models.
+struct Prepared {
+    passes: Vec<Pass>,
+    /// Per requested task: its adapter, its pass, its place in the pass's sides.
+    tasks: Vec<(Arc<Adapter>, usize, usize)>,
+    input: InputInfo,
+    dicom: Option<DicomIdentifiers>,
+    timings: Timings,
+}
+
+/// A pass's results.
+struct PassOutput {
+    logits: Vec<Result<Vec<f32>, ModelError>>,
+    batch_size: usize,
+}
+
+/// Runs classification requests against the registry's current snapshot.
+pub struct Engine {
+    registry: Arc<Registry>,
+    limits: Limits,
+    settings: EngineSettings,
+    cache: Arc<FeatureCache>,
+    stats: Arc<Stats>,
+    decode_slots: Arc<Semaphore>,
+    /// One per backbone (by SHA-256), started on first use.
+    batchers: Mutex<HashMap<String, Arc<Batcher>>>,
+}
+
+impl Engine {
+    /// An engine over `registry`, decoding within `limits`.
+    pub fn new(registry: Arc<Registry>, limits: Limits, settings: EngineSettings) -> Self {
+        Engine {
+            registry,
+            limits,
+            settings,
+            cache: Arc::new(FeatureCache::new(settings.feature_cache_bytes)),
+            stats: Arc::new(Stats::default()),
+            decode_slots: Arc::new(Semaphore::new(settings.decode_threads.max(1))),
+            batchers: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The registry it serves from.
+    pub fn registry(&self) -> &Arc<Registry> {
+        &self.registry
+    }
+
+    /// Its settings.
+    pub fn settings(&self) -> &EngineSettings {
+        &self.settings
+    }
+
+    /// What it has done so far.
+    pub fn stats(&self) -> StatsSnapshot {
+        self.stats.snapshot()
+    }
+
+    /// A call with `deadline`, holding admission `slot`, counted by this engine.
+    pub fn call(
+        &self,
+        deadline: Option<Instant>,
+        slot: Option<tokio::sync::OwnedSemaphorePermit>,
+    ) -> Arc<Call> {
+        Call::new(deadline, slot, self.stats.clone())
+    }
+
+    fn batcher(&self, backbone: &Arc<Backbone>) -> Arc<Batcher> {
+        let mut batchers = self.batchers.lock().unwrap_or_else(|p| p.into_inner());
+        batchers
+            .entry(backbone.identity().sha256)
+            .or_insert_with(|| {
+                Arc::new(Batcher::start(
+                    backbone.clone(),
+                    self.settings.batch,
+                    self.cache.clone(),
+                    self.stats.clone(),
+                ))
+            })
+            .clone()
+    }
+
+    /// The DICOM pixel policy a task runs with: the request's when given and allowed.
+    fn pixel_policy(
+        adapter: &Adapter,
+        requested: Option<&DicomPolicy>,
+    ) -> Result<DicomPolicy, ClassifyError> {
+        let own = &adapter.manifest().preprocessing.dicom;
+        match requested {
+            None => Ok(own.clone()),
+            Some(_) if !own.allow_request_override => Err(ClassifyError::PixelPolicy(format!(
+                "task {}@{} does not allow overriding its DICOM pixel policy",
+                adapter.task(),
+                adapter.version()
+            ))),
+            Some(p) => {
+                p.validate()
+                    .map_err(|e| ClassifyError::PixelPolicy(format!("pixel_policy: {e}")))?;
+                Ok(p.clone())
+            }
+        }
+    }
+
+    /// Resolves a task reference, reloading an adapter evicted under the budget.
+    fn resolve(
+        &self,
+        snapshot: &crate::registry::Snapshot,
+        task: &str,
+    ) -> Result<Arc<Adapter>, ClassifyError> {
+        match snapshot.resolve(task) {
+            Err(e @ (ResolveError::UnknownTask(_) | ResolveError::UnknownVersion { .. })) => {
+                match self.registry.reload_evicted(task) {
+                    Some(Ok(adapter)) => Ok(adapter),
+                    Some(Err(reason)) => Err(ClassifyError::Reload {
+                        task: task.to_string(),
+                        reason,
+                    }),
+                    None => Err(e.into()),
+                }
+            }
+            other => other.map_err(ClassifyError::from),
+        }
+    }
+
+    /// Classifies one image for the requested tasks, as part of `call`.
+    pub async fn classify(
+        self: &Arc<Self>,
+        request: Request,
+        call: Arc<Call>,
+    ) -> Result<Outcome, ClassifyError> {
+        let start = Instant::now();
+        if request.tasks.is_empty() {
+            return Err(ClassifyError::NoTasks);
+        }
+        if request.tasks.len() > MAX_TASKS_PER_REQUEST {
+            return Err(ClassifyError::TooManyTasks(request.tasks.len()));
+        }
+        call.check()?;
+        let slot = self
+            .decode_slots
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("the decode semaphore is never closed");
+        // a call that waited past its deadline for a decode slot is not decoded
+        call.check()?;
+        let engine = self.clone();
+        let prepared = tokio::task::spawn_blocking(move || {
+            let _slot = slot;
+            engine.prepare(request)
+        })
+        .await
+        .map_err(|e| ModelError::Inference {
+            model: "decoder".into(),
+            message: format!("decoding task failed: {e}"),
+        })??;
+        let result = self.run_models(prepared, &call, start).await;
+        if result.is_err() {
+            // whatever of it is still queued is for nobody
+            call.cancel();
+        }
+        result
+    }
+
+    /// Decodes, renders and preprocesses; looks the backbone inputs up in the cache.
+    /// Blocking.
+    fn prepare(&self, request: Request) -> Result<Prepared, ClassifyError> {
+        // Resolve before decoding: an unknown task fails without touching the pixels.
+        let snapshot = self.registry.snapshot();
+        let adapters: Vec<Arc<Adapter>> = request
+            .tasks
+            .iter()
+            .map(|t| self.resolve(&snapshot, t))
+            .collect::<Result<_, _>>()?;
+        let policies: Vec<DicomPolicy> = adapters
+            .iter()
+            .map(|a| Self::pixel_policy(a, request.pixel_policy.as_ref()))
+            .collect::<Result<_, _>>()?;
+
+        let mut timings = Timings::default();
+        let t = Instant::now();
+        let decoded = match &request.payload {
+            Payload::Dicom(bytes) => decode::dicom::decode(bytes, request.frame, &self.limits)?,
+            Payload::Image(bytes) => decode::image::decode(bytes, request.frame, &self.limits)?,
+        };
+        timings.decode_ms = ms(t);
+        metrics::stage("decode", timings.decode_ms);
+
+        let t = Instant::now();
+        let mut rendered: Vec<(DicomPolicy, Cow<'_, RgbImage>)> = Vec::new();
+        let mut passes: Vec<Pass> = Vec::new();
+        let mut side_inputs: Vec<(SideKey, Arc<Vec<f32>>)> = Vec::new();
+        let mut tasks = Vec::with_capacity(adapters.len());
+        for (adapter, policy) in adapters.into_iter().zip(&policies) {
+            let pre = &adapter.manifest().preprocessing;
+            let norm = adapter.normalization();
+            let image_index = match rendered.iter().position(|(p, _)| p == policy) {
+                Some(i) => i,
+                None => {
+                    rendered.push((policy.clone(), decoded.render(policy)?));
+                    rendered.len() - 1
+                }
+            };
+            let image = &rendered[image_index].1;
+
+            let key = BackboneKey {
+                backbone: adapter.backbone().identity().sha256,
+                mean: bits(norm.mean),
+                std: bits(norm.std),
+                policy: policy.clone(),
+            };
+            let pass = match passes.iter().position(|p| p.key == key) {
+                Some(i) => i,
+                None => {
+                    let [h, w] = adapter.backbone().input_size();
+                    let pixels = preprocess::to_tensor(image, [h as u32, w as u32], &norm);
+                    let cache_key = cache::key(&key.backbone, &pixels);
+                    let cached = self.cache.get(&cache_key);
+                    if self.cache.enabled() {
+                        self.stats.cache(cached.is_some());
+                    }
+                    passes.push(Pass {
+                        key,
+                        backbone: adapter.backbone().clone(),
+                        pixels,
+                        cache_key,
+                        cached,
+                        sides: Vec::new(),
+                    });
+                    passes.len() - 1
+                }
+            };
+
+            let side_key = SideKey {
+                size: pre.side_size,
+                mean: bits(norm.mean),
+                std: bits(norm.std),
+                policy: policy.clone(),
+            };
+            let side_pixels = match side_inputs.iter().find(|(k, _)| *k == side_key) {
+                Some((_, pixels)) => pixels.clone(),
+                None => {
+                    let pixels = Arc::new(preprocess::to_tensor(image, pre.side_size, &norm));
+                    side_inputs.push((side_key, pixels.clone()));
+                    pixels
+                }
+            };
+            let sides = &mut passes[pass].sides;
+            sides.push(SideWork {
+                adapter: adapter.clone(),
+                pixels: side_pixels,
+            });
+            tasks.push((adapter, pass, sides.len() - 1));
+        }
+        drop(rendered);
+        timings.preprocess_ms = ms(t);
+        metrics::stage("preprocess", timings.preprocess_ms);
+        Ok(Prepared {
+            passes,
+            tasks,
+            input: decoded.info,
+            dicom: decoded.dicom,
+            timings,
+        })
+    }
+
+    /// Gets every pass's features and logits: cached passes run their side networks here,
+    /// the others go to their backbone's batcher.
+    async fn run_models(
+        &self,
+        prepared: Prepared,
+        call: &Arc<Call>,
+        start: Instant,
+    ) -> Result<Outcome, ClassifyError> {
+        let Prepared {
+            mut passes,
+            tasks,
+            input,
+            dicom,
+            mut timings,
+        } = prepared;
+        let mut queued: Vec<(usize, oneshot::Receiver<Result<JobOutput, JobError>>)> = Vec::new();
+        for (i, pass) in passes.iter_mut().enumerate() {
+            if pass.cached.is_some() {
+                continue;
+            }
+            let (reply, answer) = oneshot::channel();
+            self.batcher(&pass.backbone)
+                .submit(Job {
+                    call: call.clone(),
+                    key: pass.cache_key,
+                    pixels: std::mem::take(&mut pass.pixels),
+                    sides: pass.sides.clone(),
+                    queued_at: Instant::now(),
+                    reply,
+                })
+                .map_err(|full| ClassifyError::QueueFull {
+                    capacity: full.capacity,
+                })?;
+            queued.push((i, answer));
+        }
+
+        let mut outputs: Vec<Option<PassOutput>> = (0..passes.len()).map(|_| None).collect();
+        // passes served from the cache: their side networks, grouped per adapter
+        let cached: Vec<(usize, Vec<SideWork>, Arc<Features>)> = passes
+            .iter()
+            .enumerate()
+            .filter_map(|(i, p)| p.cached.clone().map(|f| (i, p.sides.clone(), f)))
+            .collect();
+        let hits = cached.len() as u32;
+        if !cached.is_empty() {
+            let t = Instant::now();
+            let results = tokio::task::spawn_blocking(move || {
+                let work: Vec<(&SideWork, &Arc<Features>)> = cached
+                    .iter()
+                    .flat_map(|(_, sides, f)| sides.iter().map(move |s| (s, f)))
+                    .collect();
+                let mut logits = batcher::run_sides(&work).into_iter();
+                cached
+                    .iter()
+                    .map(|(i, sides, _)| (*i, logits.by_ref().take(sides.len()).collect()))
+                    .collect::<Vec<(usize, Vec<_>)>>()
+            })
+            .await
+            .map_err(|e| ModelError::Inference {
+                model: "adapters".into(),
+                message: format!("side network task failed: {e}"),
+            })?;
+            timings.adapters_ms += ms(t);
+            for (i, logits) in results {
+                outputs[i] = Some(PassOutput {
+                    logits,
+                    batch_size: 0,
+                });
+            }
+        }
+        for (i, answer) in queued {
+            let output = answer
+                .await
+                .map_err(|_| ModelError::Inference {
+                    model: passes[i].backbone.identity().name,
+                    message: "the backbone worker stopped".into(),
+                })?
+                .map_err(|e| match e {
+                    JobError::Abandoned(reason) => ClassifyError::Abandoned(reason),
+                    JobError::Model(e) => ClassifyError::Model(e),
+                })?;
+            timings.queue_ms = timings.queue_ms.max(output.queue_ms);
+            timings.backbone_ms += output.backbone_ms;
+            timings.adapters_ms += output.adapters_ms;
+            outputs[i] = Some(PassOutput {
+                logits: output.logits,
+                batch_size: output.batch_size,
+            });
+        }
+
+        let mut outputs: Vec<PassOutput> = outputs
+            .into_iter()
+            .map(|o| o.expect("every pass answered"))
+            .collect();
+        let mut results = Vec::with_capacity(tasks.len());
+        for (adapter, pass, side) in &tasks {
+            let logits = std::mem::replace(&mut outputs[*pass].logits[*side], Ok(Vec::new()))?;
+            adapter.record_use();
+            metrics::task_answered(adapter.task());
+            results.push(task_outcome(
+                adapter,
+                logits,
+                *pass as u32,
+                outputs[*pass].batch_size as u32,
+            ));
+        }
+        timings.total_ms = ms(start);
+        metrics::stage("total", timings.total_ms);
+        Ok(Outcome {
+            backbone_runs: passes.len() as u32 - hits,
+            backbone_cache_hits: hits,
+            backbone_features_reused: tasks.len() > passes.len(),
+            results,
+            input,
+            dicom,
+            timings,
+        })
+    }
+}
+
+/// One task's answer from its logits.
+fn task_outcome(adapter: &Adapter, logits: Vec<f32>, run: u32, batch_size: u32) -> TaskOutcome {
+    let probabilities = softmax(&logits);
+    let scores: Vec<ClassScore> = adapter
+        .classes()
+        .iter()
+        .zip(logits.iter().zip(&probabilities))
+        .map(|(name, (&logit, &probability))| ClassScore {
+            name: name.clone(),
+            probability,
+            logit,
+        })
+        .collect();
+    let label = scores
+        .iter()
+        .fold(None::<&ClassScore>, |best, s| match best {
+            Some(b) if b.probability >= s.probability => Some(b),
+            _ => Some(s),
+        })
+        .map(|s| s.name.clone())
+        .unwrap_or_default();
+    TaskOutcome {
+        task: adapter.task().to_string(),
+        adapter_version: adapter.version().to_string(),
+        backbone: adapter.backbone().identity().name,
+        scores,
+        label,
+        backbone_run: run,
+        backbone_batch_size: batch_size,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::softmax;
+
+    #[test]
+    fn softmax_is_stable_and_normalised() {
+        let p = softmax(&[1000.0, 1000.0, -1000.0]);
+        assert!((p[0] - 0.5).abs() < 1e-7 && (p[1] - 0.5).abs() < 1e-7 && p[2] == 0.0);
+        let p = softmax(&[0.0, (2.0f32).ln()]);
+        assert!((p[0] - 1.0 / 3.0).abs() < 1e-7, "{p:?}");
+    }
+}
