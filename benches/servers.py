@@ -79,12 +79,16 @@ class Server:
 class Fptserve(Server):
     name = "fptserve"
 
-    def __init__(self, binary: Path, repository: Path, threads: int, extra: tuple[str, ...] = ()):
+    def __init__(self, binary: Path, repository: Path, threads: int, extra: tuple[str, ...] = (),
+                 cache: bool = False):
+        """The feature cache is off unless `cache`: the cases send one image over and over, and
+        each call must measure a backbone run (case 7 measures the cache itself)."""
         self.admin_addr: str | None = None
         super().__init__([
             str(binary), "--log-format", "json", "serve", "--repository", str(repository),
             "--grpc-listen", "127.0.0.1:0", "--metrics-listen", "off", "--admin-listen", "127.0.0.1:0",
-            "--intra-op-threads", str(threads), "--max-in-flight", "256", *extra,
+            "--intra-op-threads", str(threads), "--max-in-flight", "256", "--max-queue", "256",
+            *(() if cache else ("--feature-cache-bytes", "0")), *extra,
         ])
 
     def parse_addr(self, line: str) -> str | None:
@@ -143,8 +147,11 @@ class Client:
         response = self.classify(dicom, tasks)
         return time.perf_counter() - t, response
 
-    def load(self, dicom: bytes, tasks: list[str], concurrency: int, requests: int) -> tuple[float, list[float]]:
-        """`requests` calls from `concurrency` threads at once: wall seconds and each call's latency."""
+    def load(self, dicom: bytes | list[bytes], tasks: list[str], concurrency: int,
+             requests: int) -> tuple[float, list[float]]:
+        """`requests` calls from `concurrency` threads at once, call i sending image
+        i mod len(dicom): wall seconds and each call's latency."""
+        images = dicom if isinstance(dicom, list) else [dicom]
         latencies: list[float] = []
         lock = threading.Lock()
         counter = iter(range(requests))
@@ -152,9 +159,10 @@ class Client:
         def worker():
             while True:
                 with lock:
-                    if next(counter, None) is None:
-                        return
-                seconds, _ = self.timed(dicom, tasks)
+                    i = next(counter, None)
+                if i is None:
+                    return
+                seconds, _ = self.timed(images[i % len(images)], tasks)
                 with lock:
                     latencies.append(seconds)
 

@@ -108,11 +108,11 @@ pub struct ServeArgs {
     /// unloading adapters to match it; 0 = no watching [default: 0].
     #[arg(long, env = "FPTSERVE_WATCH_INTERVAL")]
     pub watch_interval: Option<f64>,
-    /// Most images in one backbone run; 1 turns batching off [default: 8 on CPU, 32 on GPU].
+    /// Most images in one backbone run; 1 turns batching off [default: 1 on CPU, 32 on GPU].
     #[arg(long, env = "FPTSERVE_MAX_BATCH_SIZE")]
     pub max_batch_size: Option<usize>,
     /// Longest an image waits for others to join its backbone batch, in milliseconds
-    /// [default: 0 on CPU (a batch is what queued during the previous run), 2 on GPU].
+    /// [default: 0 on CPU, 2 on GPU].
     #[arg(long, env = "FPTSERVE_MAX_BATCH_DELAY_MS")]
     pub max_batch_delay_ms: Option<f64>,
     /// Most images waiting for the backbone; more get RESOURCE_EXHAUSTED [default: 64 on CPU, 256 on GPU].

@@ -69,7 +69,9 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
     }
     let gpu = matches!(runtime.device(), crate::runtime::Device::Cuda(_));
     let settings = config.engine.resolve(gpu);
+    // after the models loaded: a CUDA provider that failed to start has fallen back by now
     tracing::info!(
+        device = %runtime.device(),
         max_batch_size = settings.batch.max_batch,
         max_batch_delay_ms = settings.batch.max_delay.as_secs_f64() * 1e3,
         max_queue = settings.batch.max_queue,

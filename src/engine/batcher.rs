@@ -36,9 +36,12 @@ pub struct BatchSettings {
 }
 
 impl BatchSettings {
-    /// Defaults for the device: on a CPU a backbone run is compute-bound and larger
-    /// batches barely raise throughput, so no added delay (a batch is what queued while
-    /// the previous one ran); on a GPU, batches of up to 32 with a 2 ms wait.
+    /// Defaults for the device. On a CPU a backbone run is compute-bound and batching does
+    /// not pay: ViT-B/16 at 512 on 2 cores served 0.54-0.55 requests/s at 16 concurrent
+    /// calls without batching, 0.49 with batches of up to 2 and 0.48 with up to 8, at far
+    /// higher latency (BENCHMARKS.md case 5), so the CPU default is one image per run; the
+    /// queue still coalesces identical inputs through the feature cache. On a GPU, where a
+    /// batch fills the device, up to 32 images with a 2 ms wait.
     pub fn for_device(gpu: bool) -> Self {
         if gpu {
             BatchSettings {
@@ -48,7 +51,7 @@ impl BatchSettings {
             }
         } else {
             BatchSettings {
-                max_batch: 8,
+                max_batch: 1,
                 max_delay: Duration::ZERO,
                 max_queue: 64,
             }
@@ -177,8 +180,8 @@ struct Worker {
 
 impl Worker {
     fn run(self, queue: Receiver<Job>) {
+        // a job counts as queued until its batch closes
         while let Ok(first) = queue.recv() {
-            self.stats.queued(-1);
             let close = first.queued_at + self.settings.max_delay;
             let mut batch = vec![first];
             while batch.len() < self.settings.max_batch {
@@ -189,13 +192,11 @@ impl Worker {
                     queue.recv_timeout(wait)
                 };
                 match next {
-                    Ok(job) => {
-                        self.stats.queued(-1);
-                        batch.push(job);
-                    }
+                    Ok(job) => batch.push(job),
                     Err(_) => break,
                 }
             }
+            self.stats.queued(-(batch.len() as i64));
             self.run_batch(batch);
         }
     }

@@ -26,7 +26,7 @@ def test_quick_benchmarks_run_every_case(tmp_path):
     report = out.read_text()
     for title in ("1. Serving overhead", "2. Many tasks per image", "3. Memory",
                   "4. Decode and preprocess per transfer syntax", "5. Throughput under concurrency",
-                  "6. Adapter hot swap"):
+                  "6. Adapter hot swap", "7. Feature cache"):
         assert f"## {title}" in report
     assert re.search(r"fptserve / floor: (\d+\.\d+)", report)
     raw = json.loads((work / "results-quick.json").read_text())
@@ -38,3 +38,8 @@ def test_quick_benchmarks_run_every_case(tmp_path):
     # memory grows with adapters, and by less per adapter than per fused model
     memory = raw["3. Memory"]
     assert memory["per_adapter_bytes"]["warm"] < memory["per_fused_model_bytes"]["warm"]
+    # throughput was measured with batching on and off (the harness checked equal answers)
+    throughput = next(iter(raw["5. Throughput under concurrency"].values()))
+    assert {"fptserve, batches of up to 8@16", "fptserve, no batching@16", "python peer@16"} <= set(throughput)
+    # the feature cache case saw a miss then a hit per image (the harness checks it)
+    assert raw["7. Feature cache"]["hit"]["n"] >= 1

@@ -50,15 +50,15 @@ def stubs(tmp_path_factory):
 
 
 class Daemon:
-    def __init__(self):
+    def __init__(self, *extra, repository=ROOT / "models" / "demo"):
         assert BINARY.exists(), f"{BINARY} is missing: build it with cargo build (make test does)"
         self.metrics_port = free_port()
         self.proc = subprocess.Popen(
             [str(BINARY), "--log-format", "json", "serve",
-             "--repository", str(ROOT / "models" / "demo"),
+             "--repository", str(repository),
              "--grpc-listen", "127.0.0.1:0",
              "--admin-listen", "127.0.0.1:0",
-             "--metrics-listen", f"127.0.0.1:{self.metrics_port}"],
+             "--metrics-listen", f"127.0.0.1:{self.metrics_port}", *extra],
             stderr=subprocess.PIPE, text=True,
         )
         self.lines = []
@@ -87,6 +87,17 @@ class Daemon:
 
     def log(self):
         return "".join(self.lines)
+
+    def metrics(self):
+        """The /metrics exposition as {name{labels}: value}."""
+        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
+        text = urllib.request.urlopen(url, timeout=10).read().decode()
+        values = {}
+        for line in text.splitlines():
+            if line and not line.startswith("#"):
+                name, value = line.rsplit(" ", 1)
+                values[name] = float(value)
+        return values
 
 
 @pytest.fixture(scope="module")
