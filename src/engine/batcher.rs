@@ -197,7 +197,18 @@ impl Worker {
                 }
             }
             self.stats.queued(-(batch.len() as i64));
-            self.run_batch(batch);
+            // A panic in a run must not stop the worker: every later call on this backbone
+            // would be refused. The batch's calls get INTERNAL (their reply senders drop).
+            let batch_size = batch.len();
+            let run =
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.run_batch(batch)));
+            if run.is_err() {
+                tracing::error!(
+                    backbone = %self.backbone.identity().name,
+                    batch_size,
+                    "a backbone batch panicked; its calls failed, the worker goes on"
+                );
+            }
         }
     }
 

@@ -589,7 +589,7 @@ impl Engine {
                 .await
                 .map_err(|_| ModelError::Inference {
                     model: passes[i].backbone.identity().name,
-                    message: "the backbone worker stopped".into(),
+                    message: "the backbone batch failed unexpectedly (see the log)".into(),
                 })?
                 .map_err(|e| match e {
                     JobError::Abandoned(reason) => ClassifyError::Abandoned(reason),
