@@ -86,8 +86,6 @@ pub struct Job {
 
 /// What a job produced.
 pub struct JobOutput {
-    /// The image's K/V.
-    pub features: Arc<Features>,
     /// Logits per side network, in the job's order.
     pub logits: Vec<Result<Vec<f32>, ModelError>>,
     /// Images in the backbone run that made the features (0: from the cache).
@@ -228,12 +226,6 @@ impl Worker {
                 live.push(job);
             }
         }
-        for job in ready.iter().map(|(job, _)| job).chain(&live) {
-            metrics::stage(
-                "queue",
-                ms(started.saturating_duration_since(job.queued_at)),
-            );
-        }
 
         // identical inputs (same key) run once
         let mut rows: Vec<usize> = Vec::with_capacity(live.len());
@@ -294,11 +286,11 @@ impl Worker {
         let t = Instant::now();
         let mut logits = run_sides(&work).into_iter();
         let adapters_ms = ms(t.elapsed());
-        for (job, features, batch_size) in jobs {
+        for (job, _, batch_size) in jobs {
             let queue_ms = ms(started.saturating_duration_since(job.queued_at));
+            metrics::stage("queue", queue_ms);
             let mine: Vec<_> = logits.by_ref().take(job.sides.len()).collect();
             let _ = job.reply.send(Ok(JobOutput {
-                features,
                 logits: mine,
                 batch_size,
                 queue_ms,

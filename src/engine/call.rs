@@ -46,17 +46,6 @@ impl Call {
         })
     }
 
-    /// When it must be answered, if ever.
-    pub fn deadline(&self) -> Option<Instant> {
-        self.deadline
-    }
-
-    /// Time left before the deadline (None: no deadline).
-    pub fn remaining(&self) -> Option<Duration> {
-        self.deadline
-            .map(|d| d.saturating_duration_since(Instant::now()))
-    }
-
     /// Marks it cancelled: work not started yet is dropped.
     pub fn cancel(&self) {
         self.cancelled.store(true, Ordering::Relaxed);

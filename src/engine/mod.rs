@@ -296,11 +296,6 @@ impl Engine {
         &self.registry
     }
 
-    /// Its settings.
-    pub fn settings(&self) -> &EngineSettings {
-        &self.settings
-    }
-
     /// What it has done so far.
     pub fn stats(&self) -> StatsSnapshot {
         self.stats.snapshot()

@@ -32,13 +32,6 @@ pub enum KvData {
 }
 
 impl KvData {
-    fn len(&self) -> usize {
-        match self {
-            KvData::F32(v) => v.len(),
-            KvData::F16(v) => v.len(),
-        }
-    }
-
     fn bytes(&self) -> usize {
         match self {
             KvData::F32(v) => v.len() * 4,
@@ -115,16 +108,6 @@ impl Features {
     /// Memory its K/V take.
     pub fn bytes(&self) -> usize {
         self.key.bytes() + self.value.bytes()
-    }
-
-    /// Values per image in each of K and V.
-    pub fn len(&self) -> usize {
-        self.key.len()
-    }
-
-    /// Always false: a backbone produces at least one token.
-    pub fn is_empty(&self) -> bool {
-        self.key.len() == 0
     }
 }
 
