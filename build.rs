@@ -7,6 +7,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let protos = [
         "proto/fptserve/v1/classifier.proto",
         "proto/fptserve/v1/admin.proto",
+        "proto/inference/grpc_service.proto",
     ];
     for proto in &protos {
         println!("cargo:rerun-if-changed={proto}");

@@ -28,6 +28,10 @@ pub mod proto {
     pub mod v1 {
         tonic::include_proto!("fptserve.v1");
     }
+    /// `inference`: the Open Inference Protocol (KServe v2), see proto/inference/.
+    pub mod inference {
+        tonic::include_proto!("inference");
+    }
     /// Encoded file descriptor set, served by gRPC reflection.
     pub const FILE_DESCRIPTOR_SET: &[u8] =
         tonic::include_file_descriptor_set!("fptserve_descriptor");

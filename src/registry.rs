@@ -295,6 +295,7 @@ pub struct Budget {
 impl Registry {
     /// Starts with `snapshot`.
     pub fn new(snapshot: Snapshot) -> Self {
+        Self::export(&Changes::default(), &snapshot);
         Registry {
             current: ArcSwap::from_pointee(snapshot),
             changes: Mutex::default(),
@@ -423,11 +424,27 @@ impl Registry {
 
     fn publish(&self, changes: &Changes, adapters: Vec<Arc<Adapter>>) {
         let backbones = self.current.load().backbones.clone();
-        self.current.store(Arc::new(Snapshot::with_defaults(
-            backbones,
-            adapters,
-            &changes.defaults,
-        )));
+        let snapshot = Snapshot::with_defaults(backbones, adapters, &changes.defaults);
+        Self::export(changes, &snapshot);
+        self.current.store(Arc::new(snapshot));
+    }
+
+    /// Sets the adapter and model-size metrics from what is published.
+    fn export(changes: &Changes, snapshot: &Snapshot) {
+        let failed: BTreeSet<(&str, &str)> = changes
+            .failed
+            .iter()
+            .map(|f| (f.task.as_str(), f.version.as_str()))
+            .filter(|(t, v)| snapshot.adapter(t, v).is_none())
+            .collect();
+        let states = crate::metrics::AdapterStates {
+            loaded: snapshot.adapters().count(),
+            evicted: changes.evicted.len(),
+            failed: failed.len(),
+        };
+        let backbone_bytes = snapshot.backbones().iter().map(|b| b.model_bytes()).sum();
+        let adapter_bytes = snapshot.adapters().map(|a| a.info().model_bytes).sum();
+        crate::metrics::models(states, backbone_bytes, adapter_bytes);
     }
 
     fn retire(changes: &mut Changes, adapter: &Arc<Adapter>, departure: Departure) {
@@ -548,13 +565,15 @@ impl Registry {
         Ok(previous)
     }
 
-    /// Records a failed load for ListAdapters.
+    /// Records a refused adapter load, for ListAdapters and the metrics.
     pub fn record_failure(&self, failure: Failure) {
         let mut changes = self.changes();
         if changes.failed.len() == HISTORY {
             changes.failed.pop_front();
         }
         changes.failed.push_back(failure);
+        crate::metrics::load_failure("adapter");
+        Self::export(&changes, &self.snapshot());
     }
 
     /// Adapters that left the serving set, oldest first (the newest `HISTORY`).

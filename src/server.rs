@@ -1,5 +1,5 @@
-//! Wiring: the gRPC server with its services, started on a listener the caller bound, so
-//! tests run the real server on port 0.
+//! Wiring: the gRPC servers with their services, started on listeners the caller bound,
+//! so tests run the real servers on port 0.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -7,10 +7,15 @@ use std::sync::Arc;
 use tokio::net::TcpListener;
 use tonic::transport::server::TcpIncoming;
 
-use crate::engine::Engine;
+use tonic_health::pb::health_server::HealthServer;
+use tonic_health::server::HealthService;
+
 use crate::grpc::admin::{AdminService, BearerToken};
+use crate::grpc::calls::{Loaded, Serving};
 use crate::grpc::classifier::ClassifierService;
+use crate::grpc::inference::InferenceService;
 use crate::proto;
+use crate::proto::inference::grpc_inference_service_server::GrpcInferenceServiceServer;
 use crate::proto::v1::admin_server::AdminServer;
 use crate::proto::v1::classifier_server::ClassifierServer;
 
@@ -56,35 +61,67 @@ fn oversized_is_resource_exhausted<B>(
     response
 }
 
-/// Serves `engine` on `listener` until `shutdown` resolves, then drains: health turns
-/// NOT_SERVING, new connections and calls are refused, and calls in flight get up to the
-/// drain timeout to finish.
+/// Server reflection over our protocols, listing `services` (those a listener serves)
+/// and the reflection services themselves.
+fn reflection(services: &[&str]) -> tonic_reflection::server::Builder<'static> {
+    // both reflection versions describe both, whichever a client asks
+    let mut builder = tonic_reflection::server::Builder::configure()
+        .include_reflection_service(false)
+        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET);
+    for name in services.iter().chain(&[
+        "grpc.reflection.v1.ServerReflection",
+        "grpc.reflection.v1alpha.ServerReflection",
+    ]) {
+        builder = builder.with_service_name(*name);
+    }
+    builder
+}
+
+/// Serves models that are already loaded: [`serve`] with the server ready at once.
 pub async fn run(
-    engine: Arc<Engine>,
+    loaded: Loaded,
+    admin_token: Option<Arc<str>>,
     settings: GrpcSettings,
     listener: TcpListener,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), tonic::transport::Error> {
-    let classifier = ClassifierServer::new(ClassifierService::new(
-        engine.clone(),
-        settings.max_in_flight.max(1),
-    ))
-    .max_decoding_message_size(settings.max_message_bytes)
-    .max_encoding_message_size(settings.max_message_bytes);
+    let (serving, health) = Serving::new(settings.max_in_flight, admin_token).await;
+    serving.set_ready(loaded).await;
+    serve(serving, health, settings, listener, shutdown).await
+}
 
-    let (health_reporter, health) = tonic_health::server::health_reporter();
-    health_reporter
-        .set_serving::<ClassifierServer<ClassifierService>>()
-        .await;
+/// Serves the inference APIs on `listener` until `shutdown` resolves, then drains:
+/// health turns NOT_SERVING, new connections and calls are refused, and calls in flight
+/// get up to the drain timeout to finish. Until `serving` is made ready, health says
+/// NOT_SERVING and inference calls answer UNAVAILABLE.
+pub async fn serve(
+    serving: Arc<Serving>,
+    health: HealthServer<HealthService>,
+    settings: GrpcSettings,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), tonic::transport::Error> {
+    let classifier = ClassifierServer::new(ClassifierService::new(serving.clone()))
+        .max_decoding_message_size(settings.max_message_bytes)
+        .max_encoding_message_size(settings.max_message_bytes);
+    let inference = GrpcInferenceServiceServer::new(InferenceService::new(serving.clone()))
+        .max_decoding_message_size(settings.max_message_bytes)
+        .max_encoding_message_size(settings.max_message_bytes);
 
-    let reflection_v1 = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+    let reflection = || {
+        reflection(&[
+            "fptserve.v1.Classifier",
+            "inference.GRPCInferenceService",
+            "grpc.health.v1.Health",
+        ])
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_v1 = reflection()
         .build_v1()
         .expect("embedded descriptor set is valid");
-    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    let reflection_v1alpha = reflection()
         .build_v1alpha()
         .expect("embedded descriptor set is valid");
 
@@ -103,6 +140,7 @@ pub async fn run(
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(classifier)
+        .add_service(inference)
         .serve_with_incoming_shutdown(incoming, async {
             let _ = stopped.await;
         });
@@ -111,13 +149,8 @@ pub async fn run(
         result = &mut server => return result,
         () = shutdown => {}
     }
-    health_reporter
-        .set_not_serving::<ClassifierServer<ClassifierService>>()
-        .await;
-    health_reporter
-        .set_service_status("", tonic_health::ServingStatus::NotServing)
-        .await;
-    let in_flight = engine.stats().in_flight;
+    serving.start_draining().await;
+    let in_flight = serving.engine().map_or(0, |e| e.stats().in_flight);
     tracing::info!(
         in_flight,
         drain_timeout_s = settings.drain_timeout.as_secs_f64(),
@@ -128,7 +161,7 @@ pub async fn run(
         Ok(result) => result,
         Err(_) => {
             tracing::warn!(
-                still_in_flight = engine.stats().in_flight,
+                still_in_flight = serving.engine().map_or(0, |e| e.stats().in_flight),
                 "drain timeout passed; abandoning the calls still in flight"
             );
             Ok(())
@@ -147,10 +180,7 @@ pub async fn run_admin(
     let admin = AdminServer::new(service)
         .max_decoding_message_size(max_message_bytes)
         .max_encoding_message_size(max_message_bytes);
-    let reflection = || {
-        tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
-    };
+    let reflection = || reflection(&["fptserve.v1.Admin"]);
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
     tonic::transport::Server::builder()
         .add_service(tonic::service::interceptor::InterceptedService::new(

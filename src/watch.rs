@@ -14,7 +14,7 @@ use std::time::{Duration, SystemTime};
 use crate::model::adapter::{Adapter, unix_ms};
 use crate::registry::{Failure, Registry};
 use crate::repository::manifest::{AdapterManifest, MANIFEST_FILE};
-use crate::repository::subdirs;
+use crate::repository::adapter_folders;
 use crate::runtime::Runtime;
 
 /// What a folder looked like: modification times and sizes of its two files.
@@ -38,22 +38,17 @@ struct Found {
 }
 
 fn scan(repository: &Path) -> Vec<Found> {
-    let mut found = Vec::new();
-    for task in subdirs(&repository.join("tasks")) {
-        for dir in subdirs(&task) {
-            let Ok(manifest) = AdapterManifest::read(&dir) else {
-                continue;
-            };
-            if let Some(stamp) = stamp(&dir, &manifest.file) {
-                found.push(Found {
-                    dir,
-                    manifest,
-                    stamp,
-                });
-            }
-        }
-    }
-    found
+    adapter_folders(repository)
+        .into_iter()
+        .filter_map(|(dir, manifest)| {
+            let stamp = stamp(&dir, &manifest.file)?;
+            Some(Found {
+                dir,
+                manifest,
+                stamp,
+            })
+        })
+        .collect()
 }
 
 /// The watcher's memory between scans.

@@ -4,7 +4,9 @@
 #   charls-sys and turbojpeg-sys build with cmake), nasm (libjpeg-turbo's SIMD; without it
 #   the build still works, JPEG decoding is just slower);
 # - for tests/dicom_syntaxes.rs: dcmtk (dcmconv, dcmcjpeg, dcmcrle, dcmcjpls), gdcm's
-#   command-line tools (gdcmconv) and openjph (ojph_compress, for HTJ2K).
+#   command-line tools (gdcmconv) and openjph (ojph_compress, for HTJ2K);
+# - for tests/python/test_observability.py: promtool (Debian's prometheus package), which
+#   checks the daemon's /metrics exposition (the server itself is never started).
 # Fast when they are already there: apt is only touched when a tool is missing.
 set -euo pipefail
 
@@ -16,6 +18,7 @@ declare -A wanted=(
   [dcmconv]=dcmtk
   [gdcmconv]=libgdcm-tools
   [ojph_compress]=openjph-tools
+  [promtool]=prometheus
 )
 
 missing=()

@@ -607,7 +607,6 @@ impl Engine {
         for (adapter, pass, side) in &tasks {
             let logits = std::mem::replace(&mut outputs[*pass].logits[*side], Ok(Vec::new()))?;
             adapter.record_use();
-            metrics::task_answered(adapter.task());
             results.push(task_outcome(
                 adapter,
                 logits,

@@ -82,7 +82,7 @@ impl AdminService {
 }
 
 /// A ModelError as an admin status: each kind of bad adapter gets its own code.
-fn load_status(e: &ModelError) -> Status {
+pub(crate) fn load_status(e: &ModelError) -> Status {
     let message = e.to_string();
     match e {
         ModelError::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound => {
@@ -375,21 +375,26 @@ pub struct BearerToken(pub Option<Arc<str>>);
 
 impl tonic::service::Interceptor for BearerToken {
     fn call(&mut self, request: Request<()>) -> Result<Request<()>, Status> {
-        let Some(token) = &self.0 else {
-            return Ok(request);
-        };
-        let given = request
-            .metadata()
-            .get("authorization")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "));
-        match given {
-            Some(g) if constant_time_eq(g.as_bytes(), token.as_bytes()) => Ok(request),
-            Some(_) => Err(Status::unauthenticated("wrong admin token")),
-            None => Err(Status::unauthenticated(
-                "the admin API needs `authorization: Bearer <token>`",
-            )),
+        match &self.0 {
+            Some(token) => check_bearer(request.metadata(), token).map(|()| request),
+            None => Ok(request),
         }
+    }
+}
+
+/// Checks that `metadata` carries `authorization: Bearer <token>` (compared in constant
+/// time).
+pub fn check_bearer(metadata: &tonic::metadata::MetadataMap, token: &str) -> Result<(), Status> {
+    let given = metadata
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    match given {
+        Some(g) if constant_time_eq(g.as_bytes(), token.as_bytes()) => Ok(()),
+        Some(_) => Err(Status::unauthenticated("wrong admin token")),
+        None => Err(Status::unauthenticated(
+            "this call needs the admin token: `authorization: Bearer <token>`",
+        )),
     }
 }
 

@@ -2,15 +2,13 @@
 //! path off the async executor.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use tokio::sync::Semaphore;
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
-use crate::engine::call::parse_grpc_timeout;
-use crate::engine::{self, CancelOnDrop, ClassifyError, Engine, Outcome, Payload};
+use super::calls::{self, Serving};
+use crate::engine::{self, ClassifyError, Outcome, Payload};
 use crate::metrics;
 use crate::proto::v1 as pb;
 use crate::proto::v1::classifier_server::Classifier;
@@ -18,42 +16,14 @@ use crate::repository::manifest::DicomPolicy;
 
 /// The Classifier service.
 pub struct ClassifierService {
-    engine: Arc<Engine>,
-    in_flight: Arc<Semaphore>,
-    max_in_flight: usize,
+    serving: Arc<Serving>,
 }
 
 impl ClassifierService {
-    /// Serves `engine`, running at most `max_in_flight` classifications at once; more are
-    /// refused at once with RESOURCE_EXHAUSTED rather than queued without bound.
-    pub fn new(engine: Arc<Engine>, max_in_flight: usize) -> Self {
-        ClassifierService {
-            engine,
-            in_flight: Arc::new(Semaphore::new(max_in_flight)),
-            max_in_flight,
-        }
+    /// Serves through `serving`'s engine and admission.
+    pub fn new(serving: Arc<Serving>) -> Self {
+        ClassifierService { serving }
     }
-}
-
-/// Answered this long before the client's deadline: tonic enforces the same deadline
-/// itself (answering CANCELLED when it expires), so ours must come first to be
-/// DEADLINE_EXCEEDED, and an answer in the last milliseconds would arrive too late anyway.
-const DEADLINE_MARGIN: Duration = Duration::from_millis(5);
-
-/// When the call must be answered, from its `grpc-timeout` header.
-fn deadline<T>(request: &Request<T>, received: Instant) -> Option<Instant> {
-    let timeout = request.metadata().get("grpc-timeout")?.to_str().ok()?;
-    let timeout = parse_grpc_timeout(timeout)?;
-    Some(received + timeout.saturating_sub(DEADLINE_MARGIN))
-}
-
-fn new_request_id() -> String {
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or(0);
-    format!("{:x}-{:x}", nanos, COUNTER.fetch_add(1, Ordering::Relaxed))
 }
 
 fn to_proto(outcome: Outcome, request_id: String) -> pb::ClassifyResponse {
@@ -116,27 +86,14 @@ impl Classifier for ClassifierService {
         request: Request<pb::ClassifyRequest>,
     ) -> Result<Response<pb::ClassifyResponse>, Status> {
         let received = Instant::now();
-        let deadline = deadline(&request, received);
+        let deadline = calls::deadline(&request, received);
         let request = request.into_inner();
-        let request_id = if request.request_id.is_empty() {
-            new_request_id()
-        } else {
-            // Bounded, printable: it goes into every log line of the call.
-            request
-                .request_id
-                .chars()
-                .filter(|c| c.is_ascii_graphic())
-                .take(128)
-                .collect()
-        };
+        let request_id = calls::request_id(&request.request_id);
+        let tasks = request.tasks.clone();
         let span = tracing::info_span!("classify", request_id = %request_id);
         let result = async {
-            let slot = self.in_flight.clone().try_acquire_owned().map_err(|_| {
-                Status::resource_exhausted(format!(
-                    "server busy: {} classifications in flight; retry with backoff",
-                    self.max_in_flight
-                ))
-            })?;
+            let engine = self.serving.engine()?;
+            let slot = self.serving.admit(1)?.pop().expect("one permit");
             let payload = match request.input {
                 Some(pb::classify_request::Input::Dicom(b)) => Payload::Dicom(b),
                 Some(pb::classify_request::Input::Image(b)) => Payload::Image(b),
@@ -154,23 +111,7 @@ impl Classifier for ClassifierService {
                     allow_request_override: false,
                 }),
             };
-            // The call holds its admission slot until its last queued work is gone; if
-            // the client goes away, tonic drops this future and the guard cancels it.
-            let call = self.engine.call(deadline, Some(slot));
-            let guard = CancelOnDrop::new(&call);
-            let work = self.engine.classify(engine_request, call.clone());
-            let outcome = match deadline {
-                Some(deadline) => tokio::select! {
-                    outcome = work => outcome,
-                    _ = tokio::time::sleep_until(deadline.into()) => {
-                        Err(ClassifyError::Abandoned(engine::Abandoned::Deadline))
-                    }
-                },
-                None => work.await,
-            };
-            drop(call);
-            let outcome = outcome?;
-            guard.finish();
+            let outcome = calls::classify(engine, engine_request, deadline, slot).await?;
             tracing::info!(
                 tasks = outcome.results.len(),
                 backbone_runs = outcome.backbone_runs,
@@ -183,12 +124,12 @@ impl Classifier for ClassifierService {
         .await;
         match result {
             Ok(outcome) => {
-                metrics::request("Classify", tonic::Code::Ok);
+                calls::count(&self.serving, "Classify", &tasks, tonic::Code::Ok);
                 Ok(Response::new(to_proto(outcome, request_id)))
             }
             Err(status) => {
                 span.in_scope(|| tracing::warn!(code = ?status.code(), message = status.message(), "classify failed"));
-                metrics::request("Classify", status.code());
+                calls::count(&self.serving, "Classify", &tasks, status.code());
                 Err(status)
             }
         }
@@ -198,7 +139,7 @@ impl Classifier for ClassifierService {
         &self,
         _request: Request<pb::ListTasksRequest>,
     ) -> Result<Response<pb::ListTasksResponse>, Status> {
-        let snapshot = self.engine.registry().snapshot();
+        let snapshot = self.serving.engine()?.registry().snapshot();
         let tasks = snapshot
             .tasks()
             .iter()

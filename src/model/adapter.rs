@@ -126,6 +126,7 @@ impl Adapter {
             Memory::Shared,
         )?;
         let model_bytes = std::fs::metadata(dir.join(&manifest.file)).map_or(0, |m| m.len());
+        crate::metrics::adapter_loaded(started.elapsed().as_secs_f64());
         Ok(Adapter {
             manifest,
             dir: dir.to_path_buf(),

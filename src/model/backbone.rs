@@ -19,6 +19,7 @@ pub struct Backbone {
     dir: PathBuf,
     model: Model,
     input_size: [usize; 2],
+    model_bytes: u64,
     warm: Mutex<Option<Arc<Features>>>,
 }
 
@@ -131,11 +132,13 @@ impl Backbone {
             .expect("validated by BackboneManifest::read")
             .shape;
         let input_size = [shape[2] as usize, shape[3] as usize];
+        let model_bytes = std::fs::metadata(dir.join(&manifest.file)).map_or(0, |m| m.len());
         Ok(Backbone {
             manifest,
             dir: dir.to_path_buf(),
             model,
             input_size,
+            model_bytes,
             warm: Mutex::new(None),
         })
     }
@@ -155,6 +158,11 @@ impl Backbone {
             .into();
         *slot = Some(features.clone());
         Ok(features)
+    }
+
+    /// Size of its ONNX model.
+    pub fn model_bytes(&self) -> u64 {
+        self.model_bytes
     }
 
     /// Name and digest.

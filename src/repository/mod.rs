@@ -68,6 +68,15 @@ pub(crate) fn subdirs(dir: &Path) -> Vec<PathBuf> {
     dirs
 }
 
+/// Every adapter folder under `<repository>/tasks/` whose manifest reads, with it.
+pub fn adapter_folders(repository: &Path) -> Vec<(PathBuf, manifest::AdapterManifest)> {
+    subdirs(&repository.join("tasks"))
+        .iter()
+        .flat_map(|task| subdirs(task))
+        .filter_map(|dir| manifest::AdapterManifest::read(&dir).ok().map(|m| (dir, m)))
+        .collect()
+}
+
 fn folder_name(path: &Path) -> String {
     path.file_name()
         .map(|n| n.to_string_lossy().into_owned())

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use fptserve::decode::Limits;
 use fptserve::engine::{Engine, EngineSettings};
 use fptserve::grpc::admin::{AdminService, AllowedRoots, BearerToken};
+use fptserve::grpc::calls::Loaded;
 use fptserve::model::adapter::Adapter;
 use fptserve::proto::v1::ClassifyRequest;
 use fptserve::proto::v1::admin_client::AdminClient;
@@ -120,12 +121,16 @@ impl TestServer {
             limits,
             engine_settings,
         ));
-        let served = engine.clone();
+        let served = Loaded {
+            engine: engine.clone(),
+            runtime,
+            repository: repository.to_path_buf(),
+        };
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (tx, rx) = oneshot::channel::<()>();
         tokio::spawn(async move {
-            server::run(served, settings, listener, async {
+            server::run(served, None, settings, listener, async {
                 let _ = rx.await;
             })
             .await
@@ -185,7 +190,11 @@ impl TestServer {
             Limits::default(),
             EngineSettings::default(),
         ));
-        let served = engine.clone();
+        let served = Loaded {
+            engine: engine.clone(),
+            runtime: runtime.clone(),
+            repository: repository.to_path_buf(),
+        };
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let admin_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -195,7 +204,7 @@ impl TestServer {
         let (tx, rx) = oneshot::channel::<()>();
         let (admin_tx, admin_rx) = oneshot::channel::<()>();
         tokio::spawn(async move {
-            server::run(served, GrpcSettings::default(), listener, async {
+            server::run(served, None, GrpcSettings::default(), listener, async {
                 let _ = rx.await;
                 let _ = admin_tx.send(());
             })
