@@ -29,6 +29,10 @@ pub struct Cli {
         default_value = "human"
     )]
     pub log_format: String,
+    /// Export trace spans over OTLP/gRPC to this collector, e.g. http://localhost:4317
+    /// [default: off].
+    #[arg(long, global = true, env = "FPTSERVE_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
 }
 
 /// Subcommands.

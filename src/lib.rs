@@ -20,6 +20,7 @@ pub mod registry;
 pub mod repository;
 pub mod runtime;
 pub mod server;
+pub mod telemetry;
 pub mod watch;
 
 /// Generated protocol types and gRPC stubs (compiled from proto/ by build.rs).

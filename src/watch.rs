@@ -13,8 +13,8 @@ use std::time::{Duration, SystemTime};
 
 use crate::model::adapter::{Adapter, unix_ms};
 use crate::registry::{Failure, Registry};
-use crate::repository::manifest::{AdapterManifest, MANIFEST_FILE};
 use crate::repository::adapter_folders;
+use crate::repository::manifest::{AdapterManifest, MANIFEST_FILE};
 use crate::runtime::Runtime;
 
 /// What a folder looked like: modification times and sizes of its two files.

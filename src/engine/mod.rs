@@ -390,9 +390,11 @@ impl Engine {
         // a call that waited past its deadline for a decode slot is not decoded
         call.check()?;
         let engine = self.clone();
+        // log lines of the decoder (ours and dicom-rs's) carry the call's request id
+        let span = tracing::Span::current();
         let prepared = tokio::task::spawn_blocking(move || {
             let _slot = slot;
-            engine.prepare(request)
+            span.in_scope(|| engine.prepare(request))
         })
         .await
         .map_err(|e| ModelError::Inference {
@@ -424,14 +426,17 @@ impl Engine {
 
         let mut timings = Timings::default();
         let t = Instant::now();
+        let decoding = tracing::info_span!("decode").entered();
         let decoded = match &request.payload {
             Payload::Dicom(bytes) => decode::dicom::decode(bytes, request.frame, &self.limits)?,
             Payload::Image(bytes) => decode::image::decode(bytes, request.frame, &self.limits)?,
         };
         timings.decode_ms = ms(t);
         metrics::stage("decode", timings.decode_ms);
+        drop(decoding);
 
         let t = Instant::now();
+        let preprocessing = tracing::info_span!("preprocess").entered();
         let mut rendered: Vec<(DicomPolicy, Cow<'_, RgbImage>)> = Vec::new();
         let mut passes: Vec<Pass> = Vec::new();
         let mut side_inputs: Vec<(SideKey, Arc<Vec<f32>>)> = Vec::new();
@@ -498,6 +503,7 @@ impl Engine {
             tasks.push((adapter, pass, sides.len() - 1));
         }
         drop(rendered);
+        drop(preprocessing);
         timings.preprocess_ms = ms(t);
         metrics::stage("preprocess", timings.preprocess_ms);
         Ok(Prepared {

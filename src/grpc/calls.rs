@@ -18,7 +18,11 @@ use crate::engine::{self, CancelOnDrop, ClassifyError, Engine, Outcome};
 use crate::runtime::Runtime;
 
 /// Services reported by grpc.health.v1 on the inference listener ("" is the server).
-pub const HEALTH_SERVICES: [&str; 3] = ["", "fptserve.v1.Classifier", "inference.GRPCInferenceService"];
+pub const HEALTH_SERVICES: [&str; 3] = [
+    "",
+    "fptserve.v1.Classifier",
+    "inference.GRPCInferenceService",
+];
 
 /// What exists once the models are loaded and warm.
 pub struct Loaded {

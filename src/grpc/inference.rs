@@ -195,18 +195,24 @@ fn response(
             let raw = join_raw_bytes(results.iter().map(|r| r.label.as_bytes()));
             ("BYTES", vec![n], raw)
         };
-        response.outputs.push(pb::model_infer_response::InferOutputTensor {
-            name: name.to_string(),
-            datatype: datatype.to_string(),
-            shape,
-            ..Default::default()
-        });
+        response
+            .outputs
+            .push(pb::model_infer_response::InferOutputTensor {
+                name: name.to_string(),
+                datatype: datatype.to_string(),
+                shape,
+                ..Default::default()
+            });
         response.raw_output_contents.push(raw);
     }
     response
 }
 
-fn tensor(name: &str, datatype: &str, shape: Vec<i64>) -> pb::model_metadata_response::TensorMetadata {
+fn tensor(
+    name: &str,
+    datatype: &str,
+    shape: Vec<i64>,
+) -> pb::model_metadata_response::TensorMetadata {
     pb::model_metadata_response::TensorMetadata {
         name: name.to_string(),
         datatype: datatype.to_string(),
@@ -300,7 +306,11 @@ impl GrpcInferenceService for InferenceService {
             platform: "fptserve".into(),
             inputs: vec![tensor(INPUT, "BYTES", vec![-1])],
             outputs: vec![
-                tensor(PROBABILITIES, "FP32", vec![-1, adapter.classes().len() as i64]),
+                tensor(
+                    PROBABILITIES,
+                    "FP32",
+                    vec![-1, adapter.classes().len() as i64],
+                ),
                 tensor(LABEL, "BYTES", vec![-1]),
             ],
         }))
@@ -347,7 +357,10 @@ impl GrpcInferenceService for InferenceService {
                     joined.map_err(|e| Status::internal(format!("classification task: {e}")))?;
                 let outcome = outcome.map_err(|e| {
                     let status = Status::from(e);
-                    Status::new(status.code(), format!("image {index}: {}", status.message()))
+                    Status::new(
+                        status.code(),
+                        format!("image {index}: {}", status.message()),
+                    )
                 })?;
                 outcomes[index] = Some(outcome);
             }
@@ -361,8 +374,15 @@ impl GrpcInferenceService for InferenceService {
         }
         .instrument(span.clone())
         .await;
-        let code = result.as_ref().map_or_else(|s| s.code(), |_| tonic::Code::Ok);
-        calls::count(&self.serving, "ModelInfer", std::slice::from_ref(&model), code);
+        let code = result
+            .as_ref()
+            .map_or_else(|s| s.code(), |_| tonic::Code::Ok);
+        calls::count(
+            &self.serving,
+            "ModelInfer",
+            std::slice::from_ref(&model),
+            code,
+        );
         if let Err(status) = &result {
             span.in_scope(|| tracing::warn!(code = ?status.code(), message = status.message(), "infer failed"));
         }
@@ -393,7 +413,10 @@ impl GrpcInferenceService for InferenceService {
             .await
             .map_err(|e| Status::internal(format!("scanning the repository: {e}")))?;
         for (dir, manifest) in on_disk {
-            if snapshot.adapter(&manifest.task, &manifest.version).is_some() {
+            if snapshot
+                .adapter(&manifest.task, &manifest.version)
+                .is_some()
+            {
                 continue;
             }
             let reason = if registry.is_evicted(&manifest.task, &manifest.version, &dir) {
@@ -498,7 +521,12 @@ impl GrpcInferenceService for InferenceService {
             .snapshot()
             .tasks()
             .get(&task)
-            .map(|t| t.versions().iter().map(|a| a.version().to_string()).collect())
+            .map(|t| {
+                t.versions()
+                    .iter()
+                    .map(|a| a.version().to_string())
+                    .collect()
+            })
             .unwrap_or_default();
         if versions.is_empty() {
             return Err(Status::not_found(format!("task {task:?} is not loaded")));
@@ -523,7 +551,10 @@ mod tests {
         let raw = join_raw_bytes(elements.iter().copied());
         assert_eq!(raw.len(), 3 * 4 + 8);
         let back = split_raw_bytes(&raw).unwrap();
-        assert_eq!(back, elements.iter().map(|e| e.to_vec()).collect::<Vec<_>>());
+        assert_eq!(
+            back,
+            elements.iter().map(|e| e.to_vec()).collect::<Vec<_>>()
+        );
         for cut in [1, 3, 5, raw.len() - 1] {
             assert!(split_raw_bytes(&raw[..cut]).is_err(), "cut at {cut}");
         }
@@ -534,8 +565,14 @@ mod tests {
         let mut part10 = vec![0u8; 132];
         part10[128..].copy_from_slice(b"DICM");
         assert!(matches!(payload(part10), Payload::Dicom(_)));
-        assert!(matches!(payload(b"DICM\x02\x00".to_vec()), Payload::Dicom(_)));
-        assert!(matches!(payload(b"\x89PNG\r\n\x1a\n".to_vec()), Payload::Image(_)));
+        assert!(matches!(
+            payload(b"DICM\x02\x00".to_vec()),
+            Payload::Dicom(_)
+        ));
+        assert!(matches!(
+            payload(b"\x89PNG\r\n\x1a\n".to_vec()),
+            Payload::Image(_)
+        ));
         assert!(matches!(payload(Vec::new()), Payload::Image(_)));
     }
 }
