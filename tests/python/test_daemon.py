@@ -164,7 +164,7 @@ def test_grpcurl_works_through_reflection(daemon):
 def test_health_reports_serving(daemon):
     with grpc.insecure_channel(daemon.addr) as channel:
         health = health_pb2_grpc.HealthStub(channel)
-        for service in ["", "fptserve.v1.Classifier"]:
+        for service in ["", "fptserve.v1.Classifier", "inference.GRPCInferenceService"]:
             reply = health.Check(health_pb2.HealthCheckRequest(service=service))
             assert reply.status == health_pb2.HealthCheckResponse.SERVING
 
@@ -179,7 +179,7 @@ def test_metrics_count_requests(daemon, stubs):
     text = urllib.request.urlopen(f"http://127.0.0.1:{daemon.metrics_port}/metrics", timeout=10).read().decode()
     assert 'fptserve_requests_total{method="Classify",code="InvalidArgument"}' in text
     assert "fptserve_stage_duration_seconds_bucket" in text
-    assert "fptserve_adapters_loaded 4" in text
+    assert 'fptserve_adapters{state="loaded"} 4' in text
 
 
 def test_admin_api_through_grpcurl(daemon):
