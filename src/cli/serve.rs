@@ -53,7 +53,8 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
         listener,
         until_stopped(),
     ));
-    tracing::info!(%addr, "listening; health NOT_SERVING until the models are loaded and warm");
+    // health says NOT_SERVING until the models are loaded and warm
+    tracing::info!(%addr, "listening");
 
     let models = config.models.clone();
     let loading = tokio::task::spawn_blocking(move || super::load_models(&models));

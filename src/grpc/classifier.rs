@@ -128,7 +128,7 @@ impl Classifier for ClassifierService {
                 Ok(Response::new(to_proto(outcome, request_id)))
             }
             Err(status) => {
-                span.in_scope(|| tracing::warn!(code = ?status.code(), message = status.message(), "classify failed"));
+                span.in_scope(|| tracing::warn!(code = ?status.code(), error = status.message(), "classify failed"));
                 calls::count(&self.serving, "Classify", &tasks, status.code());
                 Err(status)
             }

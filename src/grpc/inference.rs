@@ -384,7 +384,9 @@ impl GrpcInferenceService for InferenceService {
             code,
         );
         if let Err(status) = &result {
-            span.in_scope(|| tracing::warn!(code = ?status.code(), message = status.message(), "infer failed"));
+            span.in_scope(
+                || tracing::warn!(code = ?status.code(), error = status.message(), "infer failed"),
+            );
         }
         result.map(Response::new)
     }

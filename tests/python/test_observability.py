@@ -84,10 +84,16 @@ class Server:
         self.lines = []
         self.addr = None
         self.events = {"listening": threading.Event(), "serving": threading.Event()}
+        self.line_of = {}  # "listening"/"serving": index of its line in self.lines
+        self.exited = threading.Event()
         self.reader = threading.Thread(target=self._read, args=(log_format,), daemon=True)
         self.reader.start()
-        assert self.events[wait_for].wait(timeout), f"no {wait_for!r} line:\n" + self.log()
+        until = time.monotonic() + timeout
+        while not (self.events[wait_for].is_set() or self.events["serving"].is_set() or self.exited.is_set()):
+            assert time.monotonic() < until, f"no {wait_for!r} line in {timeout} s:\n" + self.log()
+            time.sleep(0.02)
         assert self.addr, "daemon exited:\n" + self.log()
+        assert self.events[wait_for].is_set(), f"no {wait_for!r} line before 'serving':\n" + self.log()
 
     def _read(self, log_format):
         for line in self.proc.stderr:
@@ -99,14 +105,14 @@ class Server:
                     continue
                 message, addr = event.get("message"), event.get("addr")
             else:
-                # human: `... INFO fptserve::...: serving addr=127.0.0.1:1234 ...`
-                found = re.search(r": (listening|serving)\b.*?\baddr=(\S+)", line)
+                # human: `... INFO fptserve::cli::serve: serving addr=127.0.0.1:1234 adapters=4`
+                found = re.search(r": (listening|serving) (?=.*\baddr=(\S+))", line)
                 message, addr = (found.group(1), found.group(2)) if found else (None, None)
-            if message in self.events and addr:
+            if message in self.events and addr and message not in self.line_of:
+                self.line_of[message] = len(self.lines) - 1
                 self.addr = self.addr or addr
                 self.events[message].set()
-        for event in self.events.values():
-            event.set()
+        self.exited.set()
 
     def log(self):
         return "".join(self.lines)
@@ -353,8 +359,8 @@ def test_raw_protocol_shapes_contents_and_output_selection(daemon):
     with grpc.insecure_channel(daemon.addr) as channel:
         stub = kserve_pb2_grpc.GRPCInferenceServiceStub(channel)
 
-        def request(shape, raw=True, outputs=(), **fields):
-            r = kserve_pb2.ModelInferRequest(model_name="skin-lesion", id="raw-call", **fields)
+        def request(shape, raw=True, outputs=()):
+            r = kserve_pb2.ModelInferRequest(model_name="skin-lesion", id="raw-call")
             tensor = r.inputs.add(name="image", datatype="BYTES", shape=shape)
             if raw:
                 r.raw_input_contents.append(raw_bytes_tensor([dicom, png]))
@@ -554,8 +560,7 @@ def test_port_is_bound_before_loading_and_nothing_is_served_until_ready(many_ada
             (case,) = [c for c in reference_cases("images/rgb8.png")[0] if c["task"] == "skin-lesion"]
             assert [s.probability for s in answer.results[0].scores] == pytest.approx(case["probabilities"], abs=1e-4)
             assert inference.ModelInfer(request, timeout=60).model_name == "task-000"
-        events = [json.loads(line).get("message") for line in d.lines if line.startswith("{")]
-        assert events.index("listening") < events.index("serving")
+        assert d.line_of["listening"] < d.line_of["serving"]
         assert d.stop() == 0
     finally:
         d.kill()
@@ -828,6 +833,7 @@ def test_logs_and_metrics_carry_no_patient_identity(stubs, log_format):
     pb, pb_grpc = stubs
     dicom = dicom_with_identity()
     truncated = dicom[:len(dicom) - 20000]  # inside the 66000 bytes of pixel data at the end
+    cut_in_identity = dicom[:dicom.index(b"Wobblewick") + 6]  # inside PatientAddress's value
     forms = identity_strings()
     d = Server(log_format=log_format, env={"FPTSERVE_LOG": "trace"})
     try:
@@ -865,6 +871,7 @@ def test_logs_and_metrics_carry_no_patient_identity(stubs, log_format):
         call_infer(dicom, "skin-lesion", grpc.StatusCode.OK)
         call_classify(truncated, ["dr-grade"], grpc.StatusCode.INVALID_ARGUMENT)
         call_infer(truncated, "dr-grade", grpc.StatusCode.INVALID_ARGUMENT)
+        call_classify(cut_in_identity, ["dr-grade"], grpc.StatusCode.INVALID_ARGUMENT)
         call_classify(dicom, ["no-such-task"], grpc.StatusCode.NOT_FOUND)
         call_infer(dicom, "no-such-task", grpc.StatusCode.NOT_FOUND)
         metrics = d.scrape()
@@ -879,26 +886,31 @@ def test_logs_and_metrics_carry_no_patient_identity(stubs, log_format):
     assert leaks(log, forms) == [], f"patient identity in the {log_format} log"
     assert leaks(metrics, forms) == [], "patient identity in /metrics"
 
-    # every call left lines carrying its id; every info-or-above line about classifying or
-    # inferring that was written during the calls carries one of them
+    # every call left lines carrying its id; every line about classifying or inferring
+    # written during the calls (fptserve's at any level, any library's at info or above)
+    # carries one of them
     call_lines = d.lines[first_call_line:last_call_line]
     for request_id in ids:
         assert any(request_id in line for line in call_lines), f"no log line carries {request_id}"
-    untagged = []
+    untagged, checked = [], 0
     for line in call_lines:
         if log_format == "json":
             try:
                 event = json.loads(line)
             except ValueError:
                 continue
-            level = event.get("level", "")
-            about = f"{event.get('message', '')} {event.get('target', '')}".lower()
+            level, target = event.get("level", ""), event.get("target", "")
+            about = f"{event.get('message', '')} {target}".lower()
             tags = json.dumps([event.get("span"), event.get("spans")])
-        else:
+        else:  # `<time> <LEVEL> <spans>: <target>: <message> <fields>`
             found = re.search(r"\b(TRACE|DEBUG|INFO|WARN|ERROR)\b", line)
             level = found.group(1) if found else ""
+            target = "fptserve" if re.search(r"\sfptserve(::\w+)*: ", line) else ""
             about, tags = line.lower(), line
-        if level in {"INFO", "WARN", "ERROR"} and ("classif" in about or "infer" in about):
+        ours = target.startswith("fptserve") or level in {"INFO", "WARN", "ERROR"}
+        if ours and ("classif" in about or "infer" in about):
+            checked += 1
             if not any(request_id in tags for request_id in ids):
                 untagged.append(line)
     assert not untagged, "lines of a call without its request id:\n" + "".join(untagged[:10])
+    assert checked >= len(ids), f"only {checked} lines about the {len(ids)} calls"
