@@ -441,20 +441,37 @@ pub fn layout(obj: &DefaultDicomObject) -> Result<FrameLayout, DecodeError> {
 
 /// Parses a DICOM Part 10 file (with or without its 128-byte preamble).
 pub fn parse(bytes: &[u8]) -> Result<DefaultDicomObject, DecodeError> {
-    let body = if bytes.len() >= 132 && &bytes[128..132] == b"DICM" {
-        &bytes[128..]
-    } else if bytes.starts_with(b"DICM") {
-        bytes
-    } else {
-        return Err(DecodeError::Invalid(
-            "not a DICOM Part 10 file: no \"DICM\" prefix at byte 0 or 128".into(),
-        ));
-    };
+    let body = part10_body(bytes)?;
     super::scan::check_lengths(body)?;
     OpenFileOptions::new()
         .read_preamble(ReadPreamble::Never)
         .from_reader(body)
         .map_err(|e| DecodeError::Invalid(format!("cannot parse DICOM: {e}")))
+}
+
+/// Parses a DICOM Part 10 file's header: every attribute before the pixel data.
+pub fn parse_header(bytes: &[u8]) -> Result<InMemDicomObject, DecodeError> {
+    let body = part10_body(bytes)?;
+    super::scan::check_lengths(body)?;
+    OpenFileOptions::new()
+        .read_preamble(ReadPreamble::Never)
+        .read_until(tags::PIXEL_DATA)
+        .from_reader(body)
+        .map(|file| file.into_inner())
+        .map_err(|e| DecodeError::Invalid(format!("cannot parse DICOM: {e}")))
+}
+
+/// The file after its preamble: from "DICM" on.
+fn part10_body(bytes: &[u8]) -> Result<&[u8], DecodeError> {
+    if bytes.len() >= 132 && &bytes[128..132] == b"DICM" {
+        Ok(&bytes[128..])
+    } else if bytes.starts_with(b"DICM") {
+        Ok(bytes)
+    } else {
+        Err(DecodeError::Invalid(
+            "not a DICOM Part 10 file: no \"DICM\" prefix at byte 0 or 128".into(),
+        ))
+    }
 }
 
 /// Reads the file and decodes frame `frame`.

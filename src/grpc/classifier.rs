@@ -13,6 +13,7 @@ use crate::metrics;
 use crate::proto::v1 as pb;
 use crate::proto::v1::classifier_server::Classifier;
 use crate::repository::manifest::DicomPolicy;
+use crate::structured_report::{self, ReportError};
 
 /// The Classifier service.
 pub struct ClassifierService {
@@ -68,6 +69,7 @@ fn to_proto(outcome: Outcome, request_id: String) -> pb::ClassifyResponse {
         backbone_runs: outcome.backbone_runs,
         backbone_cache_hits: outcome.backbone_cache_hits,
         request_id,
+        structured_report: Vec::new(),
         input: Some(pb::InputInfo {
             width: outcome.input.width,
             height: outcome.input.height,
@@ -94,6 +96,19 @@ impl Classifier for ClassifierService {
         let result = async {
             let engine = self.serving.engine()?;
             let slot = self.serving.admit(1)?.pop().expect("one permit");
+            // the report needs the source's header: parsed first, so a file that cannot
+            // have one fails before any model runs
+            let source = match (&request.input, request.structured_report) {
+                (Some(pb::classify_request::Input::Dicom(b)), true) => {
+                    Some(crate::decode::dicom::parse_header(b).map_err(ClassifyError::from)?)
+                }
+                (_, true) => {
+                    return Err(Status::invalid_argument(
+                        "structured_report needs a DICOM input (the report joins its patient and study)",
+                    ));
+                }
+                (_, false) => None,
+            };
             let payload = match request.input {
                 Some(pb::classify_request::Input::Dicom(b)) => Payload::Dicom(b),
                 Some(pb::classify_request::Input::Image(b)) => Payload::Image(b),
@@ -112,20 +127,32 @@ impl Classifier for ClassifierService {
                 }),
             };
             let outcome = calls::classify(engine, engine_request, deadline, slot).await?;
+            let report = match source {
+                Some(source) => Some(
+                    structured_report::build(&source, &outcome.results, structured_report::now())
+                        .map_err(|e| match e {
+                            ReportError::MissingSource(_) => Status::invalid_argument(e.to_string()),
+                            ReportError::Write(_) => Status::internal(e.to_string()),
+                        })?,
+                ),
+                None => None,
+            };
             tracing::info!(
                 tasks = outcome.results.len(),
                 backbone_runs = outcome.backbone_runs,
                 total_ms = outcome.timings.total_ms,
                 "classified"
             );
-            Ok::<_, Status>(outcome)
+            Ok::<_, Status>((outcome, report))
         }
         .instrument(span.clone())
         .await;
         match result {
-            Ok(outcome) => {
+            Ok((outcome, report)) => {
                 calls::count(&self.serving, "Classify", &tasks, tonic::Code::Ok);
-                Ok(Response::new(to_proto(outcome, request_id)))
+                let mut response = to_proto(outcome, request_id);
+                response.structured_report = report.unwrap_or_default();
+                Ok(Response::new(response))
             }
             Err(status) => {
                 span.in_scope(|| tracing::warn!(code = ?status.code(), error = status.message(), "classify failed"));
