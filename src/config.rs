@@ -104,6 +104,15 @@ pub struct ServeArgs {
     /// File holding the bearer token the admin API requires [default: none required].
     #[arg(long, env = "FPTSERVE_ADMIN_TOKEN_FILE")]
     pub admin_token_file: Option<PathBuf>,
+    /// PEM certificate chain: serve both gRPC listeners over TLS [default: plaintext].
+    #[arg(long, env = "FPTSERVE_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, env = "FPTSERVE_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// PEM CA certificates: require client certificates they sign (mutual TLS).
+    #[arg(long, env = "FPTSERVE_TLS_CLIENT_CA")]
+    pub tls_client_ca: Option<PathBuf>,
     /// Most task adapters loaded at once; beyond it the least recently used unpinned ones
     /// are evicted and reloaded when next requested [default: no limit].
     #[arg(long, env = "FPTSERVE_MAX_ADAPTERS")]
@@ -189,6 +198,9 @@ struct FileConfig {
     admin_listen: Option<String>,
     admin_token_file: Option<PathBuf>,
     admin_allow_roots: Option<Vec<PathBuf>>,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
+    tls_client_ca: Option<PathBuf>,
     max_adapters: Option<usize>,
     watch_interval: Option<f64>,
     max_batch_size: Option<usize>,
@@ -227,6 +239,8 @@ pub struct ServeConfig {
     pub limits: Limits,
     /// The admin API, if enabled.
     pub admin: Option<AdminConfig>,
+    /// TLS certificate files, if the listeners use TLS.
+    pub tls: Option<crate::tls::TlsFiles>,
     /// Most adapters loaded at once.
     pub max_adapters: Option<usize>,
     /// Repository watch period, if watching.
@@ -378,6 +392,7 @@ impl ServeArgs {
                 .or(file.max_in_flight)
                 .unwrap_or(defaults.max_in_flight),
             drain_timeout: defaults.drain_timeout,
+            tls: None,
         };
         if grpc.max_message_bytes < 1024 {
             return Err(ConfigError(format!(
@@ -439,6 +454,37 @@ impl ServeArgs {
                 })
             }
         };
+        let tls = match (
+            self.tls_cert.or(file.tls_cert.take()),
+            self.tls_key.or(file.tls_key.take()),
+            self.tls_client_ca.or(file.tls_client_ca.take()),
+        ) {
+            (Some(cert), Some(key), client_ca) => Some(crate::tls::TlsFiles {
+                cert,
+                key,
+                client_ca,
+            }),
+            (None, None, None) => None,
+            _ => {
+                return Err(ConfigError(
+                    "TLS needs both tls_cert and tls_key (tls_client_ca adds mutual TLS)".into(),
+                ));
+            }
+        };
+        // Whoever reaches the admin API can change what is served: off loopback it must
+        // authenticate its callers, by bearer token or by client certificate.
+        if let Some(admin) = &admin
+            && !admin.listen.ip().is_loopback()
+            && admin.token.is_none()
+            && tls.as_ref().is_none_or(|t| t.client_ca.is_none())
+        {
+            return Err(ConfigError(format!(
+                "admin_listen {} is not a loopback address, so the admin API must authenticate \
+                 its callers: set admin_token_file, or mutual TLS (tls_cert, tls_key and \
+                 tls_client_ca), or listen on 127.0.0.1",
+                admin.listen
+            )));
+        }
         let max_adapters = self.max_adapters.or(file.max_adapters);
         if max_adapters == Some(0) {
             return Err(ConfigError("max_adapters must be at least 1".into()));
@@ -495,6 +541,7 @@ impl ServeArgs {
             grpc,
             limits,
             admin,
+            tls,
             max_adapters,
             watch_interval,
         })

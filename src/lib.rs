@@ -22,6 +22,7 @@ pub mod runtime;
 pub mod server;
 pub mod structured_report;
 pub mod telemetry;
+pub mod tls;
 pub mod watch;
 
 /// Generated protocol types and gRPC stubs (compiled from proto/ by build.rs).

@@ -2,6 +2,7 @@
 //! so tests run the real servers on port 0.
 
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 
 use tokio::net::TcpListener;
@@ -18,6 +19,7 @@ use crate::proto;
 use crate::proto::inference::grpc_inference_service_server::GrpcInferenceServiceServer;
 use crate::proto::v1::admin_server::AdminServer;
 use crate::proto::v1::classifier_server::ClassifierServer;
+use crate::tls::Tls;
 
 /// HTTP/2 flow-control window per call: a 2048x2048 16-bit DICOM (8 MiB) arrives in one window.
 const STREAM_WINDOW: u32 = 8 << 20;
@@ -33,6 +35,8 @@ pub struct GrpcSettings {
     pub max_in_flight: usize,
     /// How long calls in flight get to finish once shutdown starts.
     pub drain_timeout: std::time::Duration,
+    /// TLS on the gRPC listeners (inference and admin), if configured.
+    pub tls: Option<Arc<Tls>>,
 }
 
 impl Default for GrpcSettings {
@@ -41,6 +45,7 @@ impl Default for GrpcSettings {
             max_message_bytes: 256 << 20,
             max_in_flight: 16,
             drain_timeout: std::time::Duration::from_secs(30),
+            tls: None,
         }
     }
 }
@@ -59,6 +64,27 @@ fn oversized_is_resource_exhausted<B>(
         );
     }
     response
+}
+
+/// Serves a tonic router on a listener, over TLS when set, until shutdown: a boxed
+/// future either way. (A macro: a function would have to spell out every bound of
+/// tonic's generic router.)
+macro_rules! listen {
+    ($router:expr, $listener:expr, $tls:expr, $shutdown:expr) => {{
+        let server: Pin<Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send>> =
+            match $tls {
+                // Without TCP_NODELAY, Nagle's algorithm holds small responses back for a
+                // delayed ACK (tens of ms per call).
+                None => Box::pin($router.serve_with_incoming_shutdown(
+                    TcpIncoming::from($listener).with_nodelay(Some(true)),
+                    $shutdown,
+                )),
+                Some(tls) => Box::pin(
+                    $router.serve_with_incoming_shutdown(tls.incoming($listener), $shutdown),
+                ),
+            };
+        server
+    }};
 }
 
 /// Server reflection over our protocols, listing `services` (those a listener serves)
@@ -125,12 +151,8 @@ pub async fn serve(
         .build_v1alpha()
         .expect("embedded descriptor set is valid");
 
-    // Without TCP_NODELAY, Nagle's algorithm holds small responses back for a delayed ACK
-    // (tens of ms per call); larger HTTP/2 windows let a DICOM of tens of MB arrive without
-    // stalling on window updates.
-    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tonic::transport::Server::builder()
+    let router = tonic::transport::Server::builder()
         .initial_stream_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
         .layer(tower::util::MapResponseLayer::new(
@@ -140,10 +162,10 @@ pub async fn serve(
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(classifier)
-        .add_service(inference)
-        .serve_with_incoming_shutdown(incoming, async {
-            let _ = stopped.await;
-        });
+        .add_service(inference);
+    let server = listen!(router, listener, settings.tls.as_ref(), async {
+        let _ = stopped.await;
+    });
     tokio::pin!(server);
     tokio::select! {
         result = &mut server => return result,
@@ -174,15 +196,15 @@ pub async fn run_admin(
     service: AdminService,
     token: BearerToken,
     max_message_bytes: usize,
+    tls: Option<Arc<Tls>>,
     listener: TcpListener,
-    shutdown: impl Future<Output = ()>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), tonic::transport::Error> {
     let admin = AdminServer::new(service)
         .max_decoding_message_size(max_message_bytes)
         .max_encoding_message_size(max_message_bytes);
     let reflection = || reflection(&["fptserve.v1.Admin"]);
-    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
-    tonic::transport::Server::builder()
+    let router = tonic::transport::Server::builder()
         .add_service(tonic::service::interceptor::InterceptedService::new(
             admin, token,
         ))
@@ -195,7 +217,6 @@ pub async fn run_admin(
             reflection()
                 .build_v1alpha()
                 .expect("embedded descriptor set is valid"),
-        )
-        .serve_with_incoming_shutdown(incoming, shutdown)
-        .await
+        );
+    listen!(router, listener, tls.as_ref(), shutdown).await
 }

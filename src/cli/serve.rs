@@ -20,6 +20,12 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
             .with_context(|| format!("starting the metrics listener on {addr}"))?;
         tracing::info!(%addr, "metrics on http://{addr}/metrics");
     }
+    let mut config = config;
+    if let Some(files) = &config.tls {
+        let tls = crate::tls::Tls::load(files.clone()).context("loading the TLS files")?;
+        tracing::info!(mutual = tls.mutual(), "TLS on the gRPC listeners");
+        config.grpc.tls = Some(tls);
+    }
     let listener = tokio::net::TcpListener::bind(config.grpc_listen)
         .await
         .with_context(|| format!("binding gRPC on {}", config.grpc_listen))?;
@@ -97,6 +103,7 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
                 service,
                 token,
                 config.grpc.max_message_bytes,
+                config.grpc.tls.clone(),
                 admin_listener,
                 until_stopped(),
             )))

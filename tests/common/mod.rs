@@ -213,7 +213,7 @@ impl TestServer {
         });
         let token = BearerToken(token.map(Arc::from));
         tokio::spawn(async move {
-            server::run_admin(service, token, 64 << 20, admin_listener, async {
+            server::run_admin(service, token, 64 << 20, None, admin_listener, async {
                 let _ = admin_rx.await;
             })
             .await
