@@ -110,6 +110,13 @@ pub struct ServeArgs {
     /// PEM private key of --tls-cert.
     #[arg(long, env = "FPTSERVE_TLS_KEY", requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
+    /// File of trusted ed25519 public keys (hex, one per line): adapter signatures
+    /// (manifest.sig) that are present must verify against one [default: not checked].
+    #[arg(long, env = "FPTSERVE_TRUSTED_KEYS")]
+    pub trusted_keys: Option<PathBuf>,
+    /// Refuse adapters without a valid signature from a trusted key.
+    #[arg(long, env = "FPTSERVE_REQUIRE_SIGNATURES")]
+    pub require_signatures: bool,
     /// PEM CA certificates: require client certificates they sign (mutual TLS).
     #[arg(long, env = "FPTSERVE_TLS_CLIENT_CA")]
     pub tls_client_ca: Option<PathBuf>,
@@ -201,6 +208,8 @@ struct FileConfig {
     tls_cert: Option<PathBuf>,
     tls_key: Option<PathBuf>,
     tls_client_ca: Option<PathBuf>,
+    trusted_keys: Option<PathBuf>,
+    require_signatures: Option<bool>,
     max_adapters: Option<usize>,
     watch_interval: Option<f64>,
     max_batch_size: Option<usize>,
@@ -241,6 +250,8 @@ pub struct ServeConfig {
     pub admin: Option<AdminConfig>,
     /// TLS certificate files, if the listeners use TLS.
     pub tls: Option<crate::tls::TlsFiles>,
+    /// Adapter signature policy, if signatures are checked.
+    pub trust: Option<crate::signing::Trust>,
     /// Most adapters loaded at once.
     pub max_adapters: Option<usize>,
     /// Repository watch period, if watching.
@@ -485,6 +496,19 @@ impl ServeArgs {
                 admin.listen
             )));
         }
+        let require_signatures =
+            self.require_signatures || file.require_signatures.unwrap_or(false);
+        let trust = match self.trusted_keys.or(file.trusted_keys.take()) {
+            Some(path) => {
+                Some(crate::signing::Trust::load(&path, require_signatures).map_err(ConfigError)?)
+            }
+            None if require_signatures => {
+                return Err(ConfigError(
+                    "require_signatures needs trusted_keys: the public keys signatures must verify against".into(),
+                ));
+            }
+            None => None,
+        };
         let max_adapters = self.max_adapters.or(file.max_adapters);
         if max_adapters == Some(0) {
             return Err(ConfigError("max_adapters must be at least 1".into()));
@@ -542,6 +566,7 @@ impl ServeArgs {
             limits,
             admin,
             tls,
+            trust,
             max_adapters,
             watch_interval,
         })

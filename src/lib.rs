@@ -20,6 +20,7 @@ pub mod registry;
 pub mod repository;
 pub mod runtime;
 pub mod server;
+pub mod signing;
 pub mod structured_report;
 pub mod telemetry;
 pub mod tls;

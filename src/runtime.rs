@@ -102,6 +102,8 @@ pub struct Runtime {
     requested: Device,
     /// Cleared when CUDA failed once, so later sessions go straight to the CPU.
     cuda_usable: AtomicBool,
+    /// Which adapter signatures are accepted, if any are checked.
+    trust: Option<crate::signing::Trust>,
 }
 
 static ENVIRONMENT: OnceLock<Result<(PathBuf, ort::environment::Environment), String>> =
@@ -200,12 +202,24 @@ impl Runtime {
             library,
             requested: device,
             cuda_usable: AtomicBool::new(cuda_usable),
+            trust: None,
         })
     }
 
     /// The library file in use.
     pub fn library(&self) -> &Path {
         &self.library
+    }
+
+    /// Checks adapter signatures against `trust` on every adapter load.
+    pub fn with_trust(mut self, trust: Option<crate::signing::Trust>) -> Self {
+        self.trust = trust;
+        self
+    }
+
+    /// The adapter signature policy, if signatures are checked.
+    pub fn trust(&self) -> Option<&crate::signing::Trust> {
+        self.trust.as_ref()
     }
 
     /// The device asked for on the command line.

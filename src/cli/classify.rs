@@ -20,7 +20,7 @@ pub fn run(args: ClassifyArgs) -> anyhow::Result<()> {
     let bytes =
         std::fs::read(&args.file).with_context(|| format!("reading {}", args.file.display()))?;
     let config = args.models.resolve()?;
-    let (_runtime, loaded) = super::load_models(&config)?;
+    let (_runtime, loaded) = super::load_models(&config, None)?;
     for failure in &loaded.failures {
         eprintln!("skipped {}: {}", failure.path.display(), failure.error);
     }

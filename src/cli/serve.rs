@@ -63,7 +63,15 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
     tracing::info!(%addr, "listening");
 
     let models = config.models.clone();
-    let loading = tokio::task::spawn_blocking(move || super::load_models(&models));
+    let trust = config.trust.clone();
+    if let Some(trust) = &trust {
+        tracing::info!(
+            keys = trust.keys(),
+            required = trust.required(),
+            "adapter signatures checked"
+        );
+    }
+    let loading = tokio::task::spawn_blocking(move || super::load_models(&models, trust));
     let loaded = tokio::select! {
         loaded = loading => loaded.context("loading models").and_then(|l| l),
         () = until_stopped() => {

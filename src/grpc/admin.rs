@@ -90,6 +90,7 @@ pub(crate) fn load_status(e: &ModelError) -> Status {
         }
         ModelError::Digest { .. } => Status::data_loss(message),
         ModelError::Incompatible { .. } => Status::failed_precondition(message),
+        ModelError::Signature(_) => Status::permission_denied(message),
         ModelError::Inference { .. } => Status::internal(message),
         _ => Status::invalid_argument(message),
     }

@@ -88,7 +88,15 @@ impl Adapter {
         backbones: &[Arc<Backbone>],
     ) -> Result<Self, ModelError> {
         let started = Instant::now();
+        let signed = runtime.trust().map(|t| t.check(dir)).transpose()?;
         let manifest = AdapterManifest::read(dir)?;
+        if let Some(signed) = signed {
+            // the manifest read must be the one whose signature was checked
+            let path = dir.join(crate::repository::manifest::MANIFEST_FILE);
+            if std::fs::read(&path).ok().as_ref() != Some(&signed) {
+                return Err(crate::signing::SignatureError::Invalid(dir.to_path_buf()).into());
+            }
+        }
         let backbone = match backbones.iter().find(|b| b.identity() == manifest.backbone) {
             Some(b) => b.clone(),
             None => {

@@ -55,6 +55,9 @@ pub enum ModelError {
         /// Every difference.
         problems: Vec<String>,
     },
+    /// The adapter's signature is missing (when required) or does not verify.
+    #[error(transparent)]
+    Signature(#[from] crate::signing::SignatureError),
     /// An adapter does not fit any loaded backbone.
     #[error("{path}: {}", problems.join("; "))]
     Incompatible {
