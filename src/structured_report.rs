@@ -312,7 +312,12 @@ pub fn now() -> (String, String) {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default()
         .as_secs();
-    let (days, rem) = (secs / 86_400, secs % 86_400);
+    date_time(secs)
+}
+
+/// A Unix time (UTC) as DICOM DA and TM.
+fn date_time(unix_secs: u64) -> (String, String) {
+    let (days, rem) = (unix_secs / 86_400, unix_secs % 86_400);
     // civil date from days since 1970-01-01 (Howard Hinnant's algorithm)
     let z = days as i64 + 719_468;
     let era = z.div_euclid(146_097);
@@ -345,10 +350,20 @@ mod tests {
     }
 
     #[test]
-    fn dates_are_dicom_da_and_tm() {
-        let (date, time) = now();
-        assert_eq!(date.len(), 8);
-        assert_eq!(time.len(), 6);
-        assert!(date.starts_with("20"), "{date}");
+    fn unix_times_become_the_utc_date_and_time() {
+        // expected values from Python's datetime.fromtimestamp(s, timezone.utc)
+        for (secs, date, time) in [
+            (0, "19700101", "000000"),
+            (951_782_400, "20000229", "000000"),
+            (951_868_799, "20000229", "235959"),
+            (1_795_564_799, "20261124", "235959"),
+            (4_107_542_399, "21000228", "235959"),
+        ] {
+            assert_eq!(
+                date_time(secs),
+                (date.to_string(), time.to_string()),
+                "{secs}"
+            );
+        }
     }
 }

@@ -5,6 +5,7 @@ the call said: per task the probabilities, the label and the adapter's name and 
 for the classified instance, in its patient and study.
 """
 
+import datetime
 import io
 import subprocess
 
@@ -40,6 +41,10 @@ def test_the_report_says_what_classify_said_for_the_source_instance(daemon, stub
     assert sr.SOPClassUID == COMPREHENSIVE_SR == sr.file_meta.MediaStorageSOPClassUID
     assert sr.Modality == "SR"
     assert (sr.CompletionFlag, sr.VerificationFlag) == ("COMPLETE", "UNVERIFIED")
+    # made now (UTC); a call around midnight may see either day
+    today = datetime.datetime.now(datetime.timezone.utc).date()
+    made = datetime.datetime.strptime(sr.ContentDate, "%Y%m%d").date()
+    assert abs((made - today).days) <= 1 and sr.InstanceCreationDate == sr.ContentDate
     # same patient and study, new series and instance
     for keyword in ["PatientName", "PatientID", "StudyInstanceUID"]:
         assert sr.get(keyword) == source.get(keyword), keyword
