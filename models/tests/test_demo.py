@@ -3,14 +3,20 @@ reference numbers reproduced by ONNX Runtime on the committed files."""
 
 import hashlib
 import json
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pydicom
 import pytest
+import torch
 from PIL import Image
 
-from fptserve_models.demo import generate_demo
+from fptserve_models.config import TINY_BACKBONE, TINY_SIDE
+from fptserve_models.demo import DEMO_BACKBONE_SEED, DEMO_TASKS, generate_demo, random_models, reference_cases
 from fptserve_models.export import ort_session
 from fptserve_models.preprocess import load_rgb, preprocess
 
@@ -28,10 +34,25 @@ ADAPTER_ARCH = {"hidden_size", "num_layers", "num_heads", "head_dim", "mlp_size"
 PARITY = {"dtype", "max_abs_diff", "samples", "method"}
 
 
-@pytest.fixture(scope="module")
-def regenerated(tmp_path_factory):
+def other_thread_count() -> int:
+    """A PyTorch/OpenMP thread count other than this process's, for the second regeneration."""
+    return 1 if torch.get_num_threads() > 1 else 2
+
+
+@pytest.fixture(scope="module", params=["this-process", "other-thread-count"])
+def regenerated(request, tmp_path_factory):
+    """models/demo and models/fixtures made again: here, and in a child process with another
+    thread count (kernels split their sums by thread, so what is promised identical must be)."""
     root = tmp_path_factory.mktemp("regen")
-    generate_demo(root / "demo", root / "fixtures", log=lambda *a: None)
+    if request.param == "this-process":
+        generate_demo(root / "demo", root / "fixtures", log=lambda *a: None)
+    else:
+        threads = str(other_thread_count())
+        env = {**os.environ, "OMP_NUM_THREADS": threads, "FPTSERVE_INTRA_OP_THREADS": threads}
+        subprocess.run(
+            [sys.executable, "-m", "fptserve_models", "demo", "--out", str(root / "demo"), "--fixtures", str(root / "fixtures")],
+            check=True, capture_output=True, env=env,
+        )
     return root
 
 
@@ -59,25 +80,76 @@ def test_demo_is_up_to_date(regenerated):
             assert ma["parity"]["max_abs_diff"] <= 1e-4
 
 
-def test_fixtures_are_up_to_date(regenerated):
-    assert files(FIXTURES) == files(regenerated / "fixtures")
-    for rel in files(FIXTURES):
-        a, b = FIXTURES / rel, regenerated / "fixtures" / rel
+# The reference numbers are float64 evaluations (fptserve_models.demo.reference_cases). Float64
+# roundoff is 2^-53 (1.1e-16); these models amplify roundoff about as they do float32's (float32
+# logits lie within ~50 roundoffs of float64 ones), so float64 evaluations with other kernels or
+# thread counts agree to about 1e-13 on logits under 16 (measured: bit-identical at 1 and 2
+# threads here). 1e-11 leaves a factor of 100 for that and still sees one weight changed by one
+# part in a million (test_a_changed_weight_is_caught); a float32 comparison, at 1e-6, could not.
+FLOAT64_AGREEMENT = 1e-11
+
+
+def fixture_mismatches(a: Path, b: Path) -> list[str]:
+    """What differs between two fixture folders: files, PNG pixels, DICOM bytes and the
+    reference numbers (exact, except logits and probabilities within FLOAT64_AGREEMENT)."""
+    if files(a) != files(b):
+        return [f"file lists differ: {sorted(set(files(a)) ^ set(files(b)))}"]
+    found = []
+    for rel in files(a):
         if rel.endswith(".png"):  # compare decoded content (zlib builds may differ in bytes)
-            with Image.open(a) as ia, Image.open(b) as ib:
-                assert (ia.mode, ia.size) == (ib.mode, ib.size) and np.array_equal(np.asarray(ia), np.asarray(ib)), rel
-        elif rel.endswith(".dcm"):
-            assert a.read_bytes() == b.read_bytes(), rel
-    ra = json.loads((FIXTURES / "reference.json").read_text())
-    rb = json.loads((regenerated / "fixtures" / "reference.json").read_text())
-    assert len(ra["cases"]) == len(rb["cases"])
+            with Image.open(a / rel) as ia, Image.open(b / rel) as ib:
+                if (ia.mode, ia.size) != (ib.mode, ib.size) or not np.array_equal(np.asarray(ia), np.asarray(ib)):
+                    found.append(f"{rel}: pixels differ")
+        elif rel.endswith(".dcm") and (a / rel).read_bytes() != (b / rel).read_bytes():
+            found.append(f"{rel}: bytes differ")
+    ra = json.loads((a / "reference.json").read_text())
+    rb = json.loads((b / "reference.json").read_text())
+    if {k: v for k, v in ra.items() if k != "cases"} != {k: v for k, v in rb.items() if k != "cases"}:
+        found.append("reference.json: header differs")
+    if len(ra["cases"]) != len(rb["cases"]):
+        return found + ["reference.json: number of cases differs"]
     for ca, cb in zip(ra["cases"], rb["cases"]):
-        for key in set(ca) | set(cb):
+        what = f"reference.json {ca['input']} {ca['task']}/{ca['version']}"
+        for key in sorted(set(ca) | set(cb)):
             if key in ("logits", "probabilities"):
-                np.testing.assert_allclose(ca[key], cb[key], atol=1e-6, rtol=0)
-            else:
-                assert ca[key] == cb[key], key
-    assert {k: v for k, v in ra.items() if k != "cases"} == {k: v for k, v in rb.items() if k != "cases"}
+                diff = np.abs(np.asarray(ca.get(key), np.float64) - np.asarray(cb.get(key), np.float64)).max()
+                if not diff <= FLOAT64_AGREEMENT:
+                    found.append(f"{what}: {key} differ by {diff:.3g}")
+            elif ca.get(key) != cb.get(key):
+                found.append(f"{what}: {key} differs")
+    return found
+
+
+def test_fixtures_are_up_to_date(regenerated):
+    assert fixture_mismatches(FIXTURES, regenerated / "fixtures") == [], "stale: run python -m fptserve_models demo"
+
+
+def test_a_changed_pixel_is_caught(regenerated, tmp_path):
+    changed = tmp_path / "fixtures"
+    shutil.copytree(regenerated / "fixtures", changed)
+    path = changed / "images" / "grey8.png"
+    with Image.open(path) as im:
+        arr = np.asarray(im).copy()
+    arr[100, 150] ^= 1  # one grey level at one pixel
+    Image.fromarray(arr).save(path)
+    assert fixture_mismatches(FIXTURES, changed) == ["images/grey8.png: pixels differ"]
+
+
+def test_a_changed_weight_is_caught(regenerated, tmp_path):
+    """One weight of the backbone's patch embedding changed by one part in a million: every
+    case's logits move beyond FLOAT64_AGREEMENT (by 1.8e-10 to 1.2e-8); the float32 comparison
+    this replaced, at 1e-6 on logits, saw none of them."""
+    backbone, sides = random_models(TINY_BACKBONE, TINY_SIDE, DEMO_BACKBONE_SEED, DEMO_TASKS)
+    with torch.no_grad():
+        backbone.embeddings.patch_embeddings.projection.weight.view(-1)[0] *= 1 + 1e-6
+    changed = tmp_path / "fixtures"
+    shutil.copytree(regenerated / "fixtures", changed)
+    reference = json.loads((changed / "reference.json").read_text())
+    reference["cases"] = reference_cases(changed, backbone, sides, DEMO_TASKS)
+    (changed / "reference.json").write_text(json.dumps(reference))
+    found = fixture_mismatches(FIXTURES, changed)
+    assert found and all(": logits differ" in m or ": probabilities differ" in m for m in found), found
+    assert sum(": logits differ" in m for m in found) == len(reference["cases"])  # every case moved
 
 
 def test_demo_format_and_size():

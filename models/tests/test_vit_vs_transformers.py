@@ -11,10 +11,26 @@ import transformers
 from transformers import ViTConfig, ViTForImageClassification, ViTModel
 
 from fptserve_models.config import BackboneConfig
-from fptserve_models.model import interpolate_position_embeddings
+from fptserve_models.model import FLOAT32_ROUNDOFF, interpolate_position_embeddings, selection_margin
 from fptserve_models.weights import load_hf_backbone
 
 assert transformers.__version__.startswith("4."), "classic ViT names need transformers < 5"
+
+# Both models run in float64, so neither side's kernels or summation order matter (float64
+# roundoff, 1e-16, is far below every check) except in one place: transformers' eager attention
+# takes its softmax in float32 even in a float64 model. Its attention probabilities therefore
+# carry a few float32 roundoffs (2^-24 relative: exp, the sum, the division), which reach the
+# hidden states as a few roundoffs of the values they weight, themselves no larger than the
+# hidden states. So the two agree to within a few float32 roundoffs of the largest hidden
+# value (measured: 0.1), on any CPU; 4 roundoffs is the bound below. Meaningful differences
+# (GELU tanh vs erf, a swapped token, the interpolation rule) are 1e-3 and up.
+FLOAT64_ATOL = 1e-10  # float64 on both sides (the interpolation test): roundoff is ~1e-15
+
+
+def assert_close_to_transformers(ours: torch.Tensor, theirs: torch.Tensor, what: str) -> None:
+    atol = 4 * FLOAT32_ROUNDOFF * float(theirs.abs().max())
+    np.testing.assert_allclose(ours.numpy(), theirs.numpy(), atol=atol, rtol=0, err_msg=what)
+
 
 SMALL = dict(hidden_size=48, num_heads=4, num_layers=5, mlp_size=96, patch_size=8, layers_used=(2, 3), token_ratio=0.25)
 
@@ -70,6 +86,7 @@ def test_hidden_states_and_selection_match_transformers(tmp_path, image_size, pr
         state["embeddings.position_embeddings"] = ours.embeddings.position_embeddings_resized.clone()
         ref.load_state_dict(state)
         base = ref.eval()
+    ours, base = ours.double(), base.double()
 
     keys = {}
     hooks = [
@@ -79,7 +96,7 @@ def test_hidden_states_and_selection_match_transformers(tmp_path, image_size, pr
         base.encoder.layer[i].attention.attention.value.register_forward_hook(lambda m, a, o, i=i: keys.__setitem__(("v", i), o))
         for i in c.layers_used
     ]
-    x = torch.randn(2, 3, image_size, image_size, generator=torch.Generator().manual_seed(3))
+    x = torch.randn(2, 3, image_size, image_size, generator=torch.Generator().manual_seed(3)).double()
     with torch.no_grad():
         out = base(pixel_values=x, output_hidden_states=True, output_attentions=True)
         det = ours.run(x, details=True)
@@ -89,10 +106,15 @@ def test_hidden_states_and_selection_match_transformers(tmp_path, image_size, pr
     # hidden states entering every layer we keep (embeddings output, then each layer's output)
     assert len(det.hidden_states) == c.last_layer_used + 1
     for i, h in enumerate(det.hidden_states):
-        np.testing.assert_allclose(h.numpy(), out.hidden_states[i].numpy(), atol=1e-5, rtol=0, err_msg=f"layer {i}")
+        assert_close_to_transformers(h, out.hidden_states[i], f"layer {i}")
 
     # token selection from HF's own attention probabilities and key/value projections
     k = c.top_k
+    # The selected sets must agree exactly, so no head may have a near-tie at the top-k boundary
+    # that transformers' float32 softmax could break the other way: each of its probabilities is
+    # within (N + 2) roundoffs of exact (N-term sum, exp, division), so a relative gap of twice
+    # that cannot be crossed.
+    assert selection_margin(det.importance, k) > 2 * (c.num_tokens + 2) * FLOAT32_ROUNDOFF
     for j, i in enumerate(c.layers_used):
         probs = out.attentions[i]  # [B, H, N, N]
         importance = probs.mean(dim=2)
@@ -104,8 +126,8 @@ def test_hidden_states_and_selection_match_transformers(tmp_path, image_size, pr
                 ref_set, our_idx = sorted(idx[b, h].tolist()), det.indices[b, j, h]
                 assert sorted(our_idx.tolist()) == ref_set
                 order = torch.argsort(our_idx)
-                np.testing.assert_allclose(det.key_states[b, j, h][order].numpy(), hk[b, h, ref_set].numpy(), atol=1e-5, rtol=0)
-                np.testing.assert_allclose(det.value_states[b, j, h][order].numpy(), hv[b, h, ref_set].numpy(), atol=1e-5, rtol=0)
+                assert_close_to_transformers(det.key_states[b, j, h][order], hk[b, h, ref_set], "keys")
+                assert_close_to_transformers(det.value_states[b, j, h][order], hv[b, h, ref_set], "values")
 
 
 def bicubic_reference(grid: np.ndarray, scale: float) -> np.ndarray:
@@ -143,12 +165,12 @@ def bicubic_reference(grid: np.ndarray, scale: float) -> np.ndarray:
 def test_position_interpolation_is_transformers_4_29_rule(old, new):
     dim = 5
     table = torch.randn(1, old * old + 1, dim, generator=torch.Generator().manual_seed(old))
-    ours = interpolate_position_embeddings(table, new).numpy()
+    ours = interpolate_position_embeddings(table.double(), new).numpy()
     grid = table[0, 1:].double().numpy().reshape(old, old, dim)
     ref = bicubic_reference(grid, (new + 0.1) / old).reshape(new * new, dim)
     assert ours.shape == (1, new * new + 1, dim)
-    np.testing.assert_allclose(ours[0, 0], table[0, 0].numpy())
-    np.testing.assert_allclose(ours[0, 1:], ref, atol=1e-5, rtol=0)
+    np.testing.assert_array_equal(ours[0, 0], table[0, 0].double().numpy())
+    np.testing.assert_allclose(ours[0, 1:], ref, atol=FLOAT64_ATOL, rtol=0)
     # the modern rule (size=, sampling step old/new) is measurably different: the test can fail
     modern = torch.nn.functional.interpolate(
         table[:, 1:].reshape(1, old, old, dim).permute(0, 3, 1, 2), size=(new, new), mode="bicubic", align_corners=False

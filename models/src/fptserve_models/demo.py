@@ -3,6 +3,7 @@ the full-size benchmark repository. Everything is seeded and deterministic."""
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 from dataclasses import dataclass
@@ -15,7 +16,7 @@ from PIL import Image
 
 from .config import PAPER_BACKBONE, PAPER_SIDE, TINY_BACKBONE, TINY_SIDE, BackboneConfig, SideConfig
 from .export import DEFAULT_OPSET, export_adapter, export_backbone, write_json
-from .model import Backbone, FPTPlus
+from .model import SELECTION_MARGIN, Backbone, selection_margin
 from .preprocess import load_rgb, preprocess
 from .weights import random_backbone, random_side
 
@@ -64,6 +65,20 @@ DICOM_UIDS = {
 }
 
 
+def random_models(
+    backbone_config: BackboneConfig, side_config: SideConfig, backbone_seed: int, tasks: Sequence[TaskSpec]
+) -> tuple[Backbone, dict]:
+    """The seeded random backbone and {(task, version): side network}, one per task spec."""
+    backbone = random_backbone(backbone_config, backbone_seed)
+    sides = {
+        (spec.task, spec.version): random_side(
+            backbone_config, side_config.replace(num_classes=len(spec.classes)), spec.seed
+        )
+        for spec in tasks
+    }
+    return backbone, sides
+
+
 def build_repository(
     out: Path,
     backbone_config: BackboneConfig,
@@ -78,25 +93,22 @@ def build_repository(
 ) -> tuple[Backbone, dict]:
     """Random-weight repository: one backbone, one adapter per task spec. Returns the PyTorch
     backbone and {(task, version): side network}."""
-    backbone = random_backbone(backbone_config, backbone_seed)
+    backbone, sides = random_models(backbone_config, side_config, backbone_seed, tasks)
     m = export_backbone(
         backbone, out, backbone_name, f"random-init(seed={backbone_seed})", backbone_seed,
         fp16=fp16, opset=opset, parity_samples=parity_samples,
     )
     log(f"backbone {backbone_name}: {m['sha256'][:12]} parity {m['parity']['dtype']} {m['parity']['max_abs_diff']:.3g}")
-    sides = {}
     for spec in tasks:
-        side = random_side(backbone_config, side_config.replace(num_classes=len(spec.classes)), spec.seed)
         a = export_adapter(
-            out, backbone_name, spec.task, spec.version, list(spec.classes), side, backbone,
-            list(spec.mean), list(spec.std), f"random-init(seed={spec.seed})", None, seed=spec.seed,
+            out, backbone_name, spec.task, spec.version, list(spec.classes), sides[(spec.task, spec.version)],
+            backbone, list(spec.mean), list(spec.std), f"random-init(seed={spec.seed})", None, seed=spec.seed,
             opset=opset, parity_samples=parity_samples,
         )
         log(
             f"adapter {spec.task}/{spec.version}: {a['sha256'][:12]} parity {a['parity']['max_abs_diff']:.3g} "
             f"end-to-end ({a['parity']['end_to_end']['kv_dtype']}) {a['parity']['end_to_end']['max_abs_diff']:.3g}"
         )
-        sides[(spec.task, spec.version)] = side
     return backbone, sides
 
 
@@ -232,9 +244,25 @@ def softmax64(logits: Sequence[float]) -> list[float]:
     return (e / e.sum()).tolist()
 
 
+# How far a float32 implementation's logits and probabilities may lie from these float64
+# numbers (reference.json "tolerance", read by every test that compares with them). The logits
+# stay under LOGIT_BOUND in magnitude, where a float32 ulp is at most 2^-20 (9.5e-7); float32
+# evaluations of these models, in any summation order, land within a few ulps of float64
+# (measured: 3e-6 for PyTorch and ONNX Runtime alike). 1e-4 is about 100 ulps: room for any
+# kernel on any CPU, yet a swapped token or a changed eps or GELU (DESIGN.md: 0.005 to 1.2)
+# fails. A softmax moves by at most half the largest logit change, so it holds for
+# probabilities too.
+REFERENCE_TOLERANCE = 1e-4
+LOGIT_BOUND = 16.0
+
+
 def reference_cases(fixtures: Path, backbone: Backbone, sides: dict, tasks: Sequence[TaskSpec]) -> list[dict]:
+    """Every fixture x task through the PyTorch model. The pixels are the authors' float32
+    pipeline; the model runs in float64 on the float32 weights, so the numbers are the exact
+    function every float32 implementation approximates, the same on any CPU and thread count."""
     import pydicom
 
+    backbone64 = copy.deepcopy(backbone).double()
     inputs = sorted((fixtures / "images").glob("*.png")) + sorted((fixtures / "dicom").glob("*.dcm"))
     cases = []
     for path in inputs:
@@ -249,13 +277,22 @@ def reference_cases(fixtures: Path, backbone: Backbone, sides: dict, tasks: Sequ
                 "sop_instance_uid": str(ds.SOPInstanceUID),
             }
         for spec in tasks:
-            side = sides[(spec.task, spec.version)]
+            side64 = copy.deepcopy(sides[(spec.task, spec.version)]).double()
             bsize = [backbone.config.image_size] * 2
-            ssize = [side.config.image_size] * 2
+            ssize = [side64.config.image_size] * 2
             x, y = preprocess(img, bsize, ssize, spec.mean, spec.std)
             with torch.no_grad():
-                logits = FPTPlus(backbone, side)(torch.from_numpy(x)[None], torch.from_numpy(y)[None])[0]
+                details = backbone64.run(torch.from_numpy(x)[None].double(), details=True)
+                margin = selection_margin(details.importance, backbone.config.top_k)
+                if margin < SELECTION_MARGIN:
+                    raise RuntimeError(
+                        f"{rel} for {spec.task}/{spec.version}: top-k importance gap {margin:.3g} (relative) is under "
+                        f"{SELECTION_MARGIN:.3g}; float32 implementations may select other tokens: change the fixture"
+                    )
+                logits = side64(torch.from_numpy(y)[None].double(), details.key_states, details.value_states)[0]
             logits = [float(v) for v in logits.tolist()]
+            if max(abs(v) for v in logits) >= LOGIT_BOUND:
+                raise RuntimeError(f"{rel} for {spec.task}/{spec.version}: logits {logits} reach {LOGIT_BOUND}")
             probs = softmax64(logits)
             cases.append(
                 {
@@ -287,13 +324,14 @@ def generate_demo(demo: Path, fixtures: Path, log=print) -> None:
     reference = {
         "generated_by": (
             "python -m fptserve_models demo: PyTorch FPT+ reference model (not ONNX) on the demo repository's "
-            "random weights; PIL pipeline: convert('RGB'), separate Image.BILINEAR resizes of the original image "
-            "to the backbone and side sizes, ToTensor (/255), Normalize ((x - mean) / std, float32); DICOM decoded "
-            "with pydicom pixel_array then Image.fromarray; probabilities = float64 softmax of the logits"
+            "random float32 weights, evaluated in float64; PIL pipeline: convert('RGB'), separate Image.BILINEAR "
+            "resizes of the original image to the backbone and side sizes, ToTensor (/255), Normalize "
+            "((x - mean) / std, float32); DICOM decoded with pydicom pixel_array then Image.fromarray; "
+            "probabilities = float64 softmax of the logits"
         ),
         "repository": "../demo",
         "backbone": DEMO_BACKBONE_NAME,
-        "tolerance": 1e-4,
+        "tolerance": REFERENCE_TOLERANCE,
         "cases": reference_cases(fixtures, backbone, sides, DEMO_TASKS),
     }
     write_json(fixtures / "reference.json", reference)
