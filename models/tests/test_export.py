@@ -10,7 +10,7 @@ import torch
 
 from fptserve_models.config import PAPER_BACKBONE, PAPER_SIDE, TINY_BACKBONE, TINY_SIDE
 from fptserve_models.export import export_adapter, export_backbone, ort_session
-from fptserve_models.model import FPTPlus
+from fptserve_models.model import SELECTION_MARGIN, FPTPlus, selection_margin
 from fptserve_models.weights import random_backbone, random_side
 
 CLASSES5 = ["none", "mild", "moderate", "severe", "proliferative"]
@@ -54,7 +54,9 @@ def test_tiny_end_to_end_parity_fp32(tmp_path, tiny_backbone, batch):
     side = random_side(TINY_BACKBONE, TINY_SIDE, 11)
     export_backbone(tiny_backbone, tmp_path, "tiny", "random-init(seed=0)", 0)
     man = export_adapter(tmp_path, "tiny", "dr-grade", "1", CLASSES5, side, tiny_backbone, MEAN, STD, "random-init(seed=11)", None, 11)
-    assert man["parity"]["max_abs_diff"] <= 1e-4 and man["parity"]["end_to_end"]["max_abs_diff"] <= 1e-4
+    assert man["parity"]["max_abs_diff"] <= 1e-4 and man["parity"]["end_to_end"]["same_tokens_max_abs_diff"] <= 1e-4
+    assert man["parity"]["end_to_end"]["tie_swaps"] == 0  # tiny parity inputs: selection margin 2.8e-4, 4.6x SELECTION_MARGIN
+    assert man["parity"]["end_to_end"]["max_abs_diff"] <= 1e-4
     _, inputs, outputs = graph_io(tmp_path / "tasks" / "dr-grade" / "1" / "side.onnx")
     kv = ["batch", 3, 4, 13, 8]
     assert inputs == [("side_pixel_values", "float32", ["batch", 3, 32, 32]), ("key_states", "float32", kv), ("value_states", "float32", kv)]
@@ -65,6 +67,8 @@ def test_tiny_end_to_end_parity_fp32(tmp_path, tiny_backbone, batch):
     got, _ = end_to_end(tmp_path, "tiny", "dr-grade", "1", x.numpy(), y.numpy())
     with torch.no_grad():
         want = FPTPlus(tiny_backbone, side)(x, y).numpy()
+        # no near-tie in token selection that another CPU's rounding could break the other way
+        assert selection_margin(tiny_backbone.run(x, details=True).importance, TINY_BACKBONE.top_k) >= SELECTION_MARGIN
     assert got.shape == (batch, 5)
     assert np.abs(got - want).max() <= 1e-4
     assert np.abs(want).max() > 0.5  # logits are not trivially zero
@@ -116,7 +120,13 @@ def test_full_size_default_config_parity(tmp_path):
     am = export_adapter(tmp_path, "vit-b16-512", "dr-grade", "1", CLASSES5, side, backbone, MEAN, STD,
                         "random-init(seed=1)", None, 1, parity_samples=1)
     assert am["parity"]["max_abs_diff"] <= 1e-4
-    assert am["parity"]["end_to_end"]["max_abs_diff"] <= 1e-4
+    e2e = am["parity"]["end_to_end"]
+    assert e2e["same_tokens_max_abs_diff"] <= 1e-4
+    # 1025 importances per head lie closer together than the demo's: a rounding-level near-tie
+    # may be kept differently by ONNX Runtime, which then moves the logits (recorded, checked
+    # on the tokens backbone.onnx kept); without one the plain comparison must hold too
+    if e2e["tie_swaps"] == 0:
+        assert e2e["max_abs_diff"] <= 1e-4
     assert am["inputs"][0]["shape"] == [-1, 3, 128, 128]
     assert not list(tmp_path.rglob("*.data"))
 
