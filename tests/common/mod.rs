@@ -43,14 +43,23 @@ pub fn fixture(relative: &str) -> Vec<u8> {
     std::fs::read(fixtures().join(relative)).unwrap_or_else(|e| panic!("{relative}: {e}"))
 }
 
-/// An ONNX Runtime on the CPU with few threads (tests run in parallel).
+/// An ONNX Runtime on the CPU with one thread per operator (tests run in parallel), or as many
+/// as FPTSERVE_INTRA_OP_THREADS says (the daemon's variable; 0 = one per core), so the suite can
+/// be run with another thread count to show that no answer depends on it.
 pub fn runtime() -> Arc<Runtime> {
+    let intra_op = std::env::var("FPTSERVE_INTRA_OP_THREADS")
+        .ok()
+        .filter(|v| !v.is_empty())
+        .map_or(1, |v| {
+            v.parse()
+                .unwrap_or_else(|e| panic!("FPTSERVE_INTRA_OP_THREADS={v}: {e}"))
+        });
     Arc::new(
         Runtime::new(
             None,
             Device::Cpu,
             Threads {
-                intra_op: 1,
+                intra_op,
                 inter_op: 1,
             },
         )

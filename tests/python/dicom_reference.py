@@ -446,11 +446,10 @@ def load_task(spec: str, repository: str | Path = DEMO_REPOSITORY) -> Task:
 
 @lru_cache(maxsize=None)
 def _session(path: str):
-    import onnxruntime as ort
+    _preprocess_module()  # puts the exporter on sys.path
+    from fptserve_models.export import ort_session
 
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+    return ort_session(path)
 
 
 def _preprocess_module():

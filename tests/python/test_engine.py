@@ -157,7 +157,9 @@ def test_sigterm_drains_calls_in_flight_and_reports_not_serving(started, stubs):
         assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
         calls = [stub.Classify.future(pb.ClassifyRequest(image=image, tasks=[task]), timeout=60)
                  for task in ["dr-grade", "skin-lesion", "chest-xray", "dr-grade@1"] * 2]
-        assert wait_until(lambda: daemon.metrics()[IN_FLIGHT] == len(calls)), daemon.metrics()
+        # the gauge is exported from the first admitted call on: on a slow or busy machine the
+        # first scrape can come before it
+        assert wait_until(lambda: daemon.metrics().get(IN_FLIGHT) == len(calls)), daemon.metrics()
         daemon.proc.send_signal(signal.SIGTERM)
         assert next(watch).status == health_pb2.HealthCheckResponse.NOT_SERVING
         watch.cancel()
@@ -182,7 +184,7 @@ def test_float16_kv_from_an_fp16_backbone_batch_and_match_onnxruntime(started, s
     import subprocess
     import sys
 
-    import onnxruntime as ort
+    from fptserve_models.export import ort_session
     from fptserve_models.preprocess import load_rgb, preprocess
 
     pb, pb_grpc = stubs
@@ -202,14 +204,18 @@ def test_float16_kv_from_an_fp16_backbone_batch_and_match_onnxruntime(started, s
     side_manifest = json.loads((side_dir / "manifest.json").read_text())
     pre = side_manifest["preprocessing"]
 
-    backbone = ort.InferenceSession(str(backbone_dir / manifest["file"]), providers=["CPUExecutionProvider"])
-    side = ort.InferenceSession(str(side_dir / side_manifest["file"]), providers=["CPUExecutionProvider"])
+    backbone = ort_session(backbone_dir / manifest["file"])
+    side = ort_session(side_dir / side_manifest["file"])
     names = ["rgb8.png", "grey8.png", "rgba8.png"]
+    pixels = [preprocess(load_rgb(FIXTURES / "images" / n), pre["backbone_size"], pre["side_size"], mean, std) for n in names]
+    # The three as one backbone batch, as the daemon runs them: a batch is another matrix shape,
+    # whose float32 sums may round differently, and K/V rounded to float16 (or a top-k near-tie
+    # of float16 importances) can turn such a last-bit difference into a visible one.
+    keys, values = backbone.run(["key_states", "value_states"], {"pixel_values": np.stack([x for x, _ in pixels])})
+    assert keys.dtype == np.float16
     expected = {}
-    for name in names:
-        x, y = preprocess(load_rgb(FIXTURES / "images" / name), pre["backbone_size"], pre["side_size"], mean, std)
-        k, v = backbone.run(["key_states", "value_states"], {"pixel_values": x[None]})
-        assert k.dtype == np.float16
+    for row, (name, (_, y)) in enumerate(zip(names, pixels)):
+        k, v = keys[row : row + 1], values[row : row + 1]
         (logits,) = side.run(["logits"], {"side_pixel_values": y[None], "key_states": k, "value_states": v})
         z = logits[0].astype(np.float64)
         expected[name] = np.exp(z - z.max()) / np.exp(z - z.max()).sum()
