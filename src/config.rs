@@ -1,11 +1,16 @@
 //! Command line, config file and environment, merged into validated settings before any
 //! port is bound. Precedence: command line > FPTSERVE_* environment > TOML file > default.
+//!
+//! Each setting is declared once, as a field of [`ServeArgs`] (or [`ModelArgs`]): clap
+//! derives its flag and environment variable from the field, serde its config-file key
+//! (the field name). [`ServeArgs::resolve`] lays the flags over the file and validates.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use clap::{Args, Parser, Subcommand};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
 
 use std::time::Duration;
 
@@ -45,11 +50,12 @@ pub enum Command {
     /// Print a model's manifest and check it (digest, graph interface, backbone match).
     Inspect(InspectArgs),
     /// Decode one image frame and write its samples as .npy (for checking against pydicom).
-    Decode(crate::cli::decode::DecodeArgs),
+    Decode(DecodeArgs),
 }
 
 /// Where models come from and where they run.
-#[derive(Args, Debug, Default)]
+#[derive(Args, Debug, Default, Deserialize, Serialize)]
+#[serde(default)]
 pub struct ModelArgs {
     /// Model repository folder [default: models/demo].
     #[arg(long, env = "FPTSERVE_REPOSITORY")]
@@ -68,14 +74,17 @@ pub struct ModelArgs {
     pub inter_op_threads: Option<usize>,
 }
 
-/// `fptserve serve`.
-#[derive(Args, Debug, Default)]
+/// `fptserve serve`. The config file's keys are these fields' names.
+#[derive(Args, Debug, Default, Deserialize, Serialize)]
+#[serde(default)]
 pub struct ServeArgs {
     /// TOML file with any of the settings below (keys in snake_case).
     #[arg(long, env = "FPTSERVE_CONFIG")]
+    #[serde(skip)]
     pub config: Option<PathBuf>,
     /// Models.
     #[command(flatten)]
+    #[serde(flatten)]
     pub models: ModelArgs,
     /// gRPC listen address [default: 127.0.0.1:50051].
     #[arg(long, env = "FPTSERVE_GRPC_LISTEN")]
@@ -186,38 +195,33 @@ pub struct InspectArgs {
     pub onnxruntime_lib: Option<PathBuf>,
 }
 
-/// The TOML config file: the same settings as the `serve` flags.
-#[derive(Deserialize, Debug, Default)]
-#[serde(deny_unknown_fields)]
-struct FileConfig {
-    repository: Option<PathBuf>,
-    device: Option<String>,
-    onnxruntime_lib: Option<PathBuf>,
-    intra_op_threads: Option<usize>,
-    inter_op_threads: Option<usize>,
-    grpc_listen: Option<String>,
-    metrics_listen: Option<String>,
-    max_message_bytes: Option<usize>,
-    max_in_flight: Option<usize>,
-    max_pixels: Option<u64>,
-    max_frames: Option<u32>,
-    max_frame_bytes: Option<u64>,
-    admin_listen: Option<String>,
-    admin_token_file: Option<PathBuf>,
-    admin_allow_roots: Option<Vec<PathBuf>>,
-    tls_cert: Option<PathBuf>,
-    tls_key: Option<PathBuf>,
-    tls_client_ca: Option<PathBuf>,
-    trusted_keys: Option<PathBuf>,
-    require_signatures: Option<bool>,
-    max_adapters: Option<usize>,
-    watch_interval: Option<f64>,
-    max_batch_size: Option<usize>,
-    max_batch_delay_ms: Option<f64>,
-    max_queue: Option<usize>,
-    feature_cache_bytes: Option<usize>,
-    decode_threads: Option<usize>,
-    drain_timeout: Option<f64>,
+/// `fptserve decode`.
+#[derive(Args, Debug)]
+pub struct DecodeArgs {
+    /// A DICOM, PNG, JPEG or TIFF file.
+    pub file: PathBuf,
+    /// Frame (0-based).
+    #[arg(long, default_value_t = 0)]
+    pub frame: u32,
+    /// `stored`: int32 (rows, columns, samples) before any value transform (DICOM only);
+    /// `display`: uint8 (rows, columns, 3) after the pixel policy.
+    #[arg(long, default_value = "stored")]
+    pub output: String,
+    /// Where to write the .npy file.
+    #[arg(long)]
+    pub npy: Option<PathBuf>,
+    /// DICOM VOI policy for `display`: auto, window or minmax.
+    #[arg(long, default_value = "auto")]
+    pub voi: String,
+    /// Window centre for `--voi window`.
+    #[arg(long)]
+    pub window_center: Option<f64>,
+    /// Window width for `--voi window`.
+    #[arg(long)]
+    pub window_width: Option<f64>,
+    /// VOI function for `--voi window`: linear, linear_exact or sigmoid.
+    #[arg(long)]
+    pub voi_function: Option<String>,
 }
 
 /// Settings shared by `serve` and `classify`.
@@ -276,6 +280,19 @@ pub struct EngineOverrides {
     pub decode_threads: Option<usize>,
 }
 
+impl From<EngineSettings> for EngineOverrides {
+    /// Every setting given.
+    fn from(settings: EngineSettings) -> Self {
+        EngineOverrides {
+            max_batch_size: Some(settings.batch.max_batch),
+            max_batch_delay: Some(settings.batch.max_delay),
+            max_queue: Some(settings.batch.max_queue),
+            feature_cache_bytes: Some(settings.feature_cache_bytes),
+            decode_threads: Some(settings.decode_threads),
+        }
+    }
+}
+
 impl EngineOverrides {
     /// The settings for a CPU or GPU with these overrides applied.
     pub fn resolve(&self, gpu: bool) -> EngineSettings {
@@ -330,28 +347,67 @@ pub fn default_repository() -> PathBuf {
 }
 
 impl ModelArgs {
-    fn merge(self, file: &mut FileConfig) -> Result<ModelConfig, ConfigError> {
-        let device = self
-            .device
-            .or(file.device.take())
-            .unwrap_or_else(|| "cpu".into());
+    /// Validated model settings.
+    pub fn resolve(self) -> Result<ModelConfig, ConfigError> {
         Ok(ModelConfig {
-            repository: self
-                .repository
-                .or(file.repository.take())
-                .unwrap_or_else(default_repository),
-            device: device.parse().map_err(ConfigError)?,
-            onnxruntime_lib: self.onnxruntime_lib.or(file.onnxruntime_lib.take()),
+            repository: self.repository.unwrap_or_else(default_repository),
+            device: self
+                .device
+                .as_deref()
+                .unwrap_or("cpu")
+                .parse()
+                .map_err(ConfigError)?,
+            onnxruntime_lib: self.onnxruntime_lib,
             threads: Threads {
-                intra_op: self.intra_op_threads.or(file.intra_op_threads).unwrap_or(0),
-                inter_op: self.inter_op_threads.or(file.inter_op_threads).unwrap_or(0),
+                intra_op: self.intra_op_threads.unwrap_or(0),
+                inter_op: self.inter_op_threads.unwrap_or(0),
             },
         })
     }
+}
 
-    /// Settings for one-shot commands (no config file).
-    pub fn resolve(self) -> Result<ModelConfig, ConfigError> {
-        self.merge(&mut FileConfig::default())
+/// Whether a flag was given: clap leaves an absent option `None`, an absent switch
+/// `false` and an absent list empty.
+fn given(value: &Value) -> bool {
+    !(value.is_null()
+        || *value == Value::Bool(false)
+        || value.as_array().is_some_and(Vec::is_empty))
+}
+
+fn fields(args: &ServeArgs) -> Map<String, Value> {
+    match serde_json::to_value(args) {
+        Ok(Value::Object(fields)) => fields,
+        _ => unreachable!("ServeArgs serialises to an object"),
+    }
+}
+
+impl ServeArgs {
+    /// These settings laid over the config file's, when there is one.
+    fn over_file(self) -> Result<ServeArgs, ConfigError> {
+        let Some(path) = &self.config else {
+            return Ok(self);
+        };
+        let shown = path.display();
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError(format!("cannot read {shown}: {e}")))?;
+        let table: toml::Table =
+            toml::from_str(&text).map_err(|e| ConfigError(format!("{shown}: {e}")))?;
+        let mut merged = fields(&ServeArgs::default());
+        for key in table.keys() {
+            if !merged.contains_key(key) {
+                return Err(ConfigError(format!(
+                    "{shown}: unknown field `{key}`: the keys are the `serve` flags in \
+                     snake_case ({})",
+                    merged.keys().cloned().collect::<Vec<_>>().join(", ")
+                )));
+            }
+        }
+        let file: ServeArgs =
+            toml::from_str(&text).map_err(|e| ConfigError(format!("{shown}: {e}")))?;
+        merged.extend(fields(&file));
+        merged.extend(fields(&self).into_iter().filter(|(_, v)| given(v)));
+        serde_json::from_value(Value::Object(merged))
+            .map_err(|e| ConfigError(format!("{shown}: {e}")))
     }
 }
 
@@ -366,26 +422,14 @@ fn address(field: &str, value: &str) -> Result<SocketAddr, ConfigError> {
 impl ServeArgs {
     /// Merges flags, environment and config file into validated settings.
     pub fn resolve(self) -> Result<ServeConfig, ConfigError> {
-        let mut file = match &self.config {
-            Some(path) => {
-                let text = std::fs::read_to_string(path)
-                    .map_err(|e| ConfigError(format!("cannot read {}: {e}", path.display())))?;
-                toml::from_str(&text)
-                    .map_err(|e| ConfigError(format!("{}: {e}", path.display())))?
-            }
-            None => FileConfig::default(),
-        };
-        let models = self.models.merge(&mut file)?;
+        let args = self.over_file()?;
+        let models = args.models.resolve()?;
         let grpc_listen = address(
             "grpc_listen",
-            &self
-                .grpc_listen
-                .or(file.grpc_listen)
-                .unwrap_or_else(|| "127.0.0.1:50051".into()),
+            &args.grpc_listen.unwrap_or_else(|| "127.0.0.1:50051".into()),
         )?;
-        let metrics = self
+        let metrics = args
             .metrics_listen
-            .or(file.metrics_listen)
             .unwrap_or_else(|| "127.0.0.1:9464".into());
         let metrics_listen = match metrics.as_str() {
             "off" | "" => None,
@@ -394,14 +438,8 @@ impl ServeArgs {
         let defaults = GrpcSettings::default();
         let limits_default = Limits::default();
         let grpc = GrpcSettings {
-            max_message_bytes: self
-                .max_message_bytes
-                .or(file.max_message_bytes)
-                .unwrap_or(defaults.max_message_bytes),
-            max_in_flight: self
-                .max_in_flight
-                .or(file.max_in_flight)
-                .unwrap_or(defaults.max_in_flight),
+            max_message_bytes: args.max_message_bytes.unwrap_or(defaults.max_message_bytes),
+            max_in_flight: args.max_in_flight.unwrap_or(defaults.max_in_flight),
             drain_timeout: defaults.drain_timeout,
             tls: None,
         };
@@ -415,17 +453,10 @@ impl ServeArgs {
             return Err(ConfigError("max_in_flight must be at least 1".into()));
         }
         let limits = Limits {
-            max_pixels: self
-                .max_pixels
-                .or(file.max_pixels)
-                .unwrap_or(limits_default.max_pixels),
-            max_frames: self
-                .max_frames
-                .or(file.max_frames)
-                .unwrap_or(limits_default.max_frames),
-            max_frame_bytes: self
+            max_pixels: args.max_pixels.unwrap_or(limits_default.max_pixels),
+            max_frames: args.max_frames.unwrap_or(limits_default.max_frames),
+            max_frame_bytes: args
                 .max_frame_bytes
-                .or(file.max_frame_bytes)
                 .unwrap_or(limits_default.max_frame_bytes),
         };
         if limits.max_pixels == 0 || limits.max_frames == 0 || limits.max_frame_bytes == 0 {
@@ -433,14 +464,13 @@ impl ServeArgs {
                 "max_pixels, max_frames and max_frame_bytes must be at least 1".into(),
             ));
         }
-        let admin_listen = self
+        let admin_listen = args
             .admin_listen
-            .or(file.admin_listen)
             .unwrap_or_else(|| "127.0.0.1:50052".into());
         let admin = match admin_listen.as_str() {
             "off" | "" => None,
             a => {
-                let token = match self.admin_token_file.or(file.admin_token_file) {
+                let token = match args.admin_token_file {
                     Some(path) => {
                         let text = std::fs::read_to_string(&path).map_err(|e| {
                             ConfigError(format!("admin_token_file {}: {e}", path.display()))
@@ -456,8 +486,7 @@ impl ServeArgs {
                     }
                     None => None,
                 };
-                let mut allow_roots = self.admin_allow_roots;
-                allow_roots.extend(file.admin_allow_roots.unwrap_or_default());
+                let allow_roots = args.admin_allow_roots;
                 Some(AdminConfig {
                     listen: address("admin_listen", a)?,
                     token,
@@ -465,11 +494,7 @@ impl ServeArgs {
                 })
             }
         };
-        let tls = match (
-            self.tls_cert.or(file.tls_cert.take()),
-            self.tls_key.or(file.tls_key.take()),
-            self.tls_client_ca.or(file.tls_client_ca.take()),
-        ) {
+        let tls = match (args.tls_cert, args.tls_key, args.tls_client_ca) {
             (Some(cert), Some(key), client_ca) => Some(crate::tls::TlsFiles {
                 cert,
                 key,
@@ -496,9 +521,8 @@ impl ServeArgs {
                 admin.listen
             )));
         }
-        let require_signatures =
-            self.require_signatures || file.require_signatures.unwrap_or(false);
-        let trust = match self.trusted_keys.or(file.trusted_keys.take()) {
+        let require_signatures = args.require_signatures;
+        let trust = match args.trusted_keys {
             Some(path) => {
                 Some(crate::signing::Trust::load(&path, require_signatures).map_err(ConfigError)?)
             }
@@ -509,11 +533,11 @@ impl ServeArgs {
             }
             None => None,
         };
-        let max_adapters = self.max_adapters.or(file.max_adapters);
+        let max_adapters = args.max_adapters;
         if max_adapters == Some(0) {
             return Err(ConfigError("max_adapters must be at least 1".into()));
         }
-        let watch = self.watch_interval.or(file.watch_interval).unwrap_or(0.0);
+        let watch = args.watch_interval.unwrap_or(0.0);
         if !(watch >= 0.0 && watch.is_finite()) {
             return Err(ConfigError(format!(
                 "watch_interval {watch} is not a number of seconds"
@@ -536,24 +560,15 @@ impl ServeArgs {
             v => Ok(v),
         };
         let engine = EngineOverrides {
-            max_batch_size: positive(
-                "max_batch_size",
-                self.max_batch_size.or(file.max_batch_size),
-            )?,
-            max_batch_delay: seconds(
-                "max_batch_delay_ms",
-                self.max_batch_delay_ms.or(file.max_batch_delay_ms),
-            )?
-            .map(|ms| Duration::from_secs_f64(ms / 1e3)),
-            max_queue: positive("max_queue", self.max_queue.or(file.max_queue))?,
-            feature_cache_bytes: self.feature_cache_bytes.or(file.feature_cache_bytes),
-            decode_threads: positive(
-                "decode_threads",
-                self.decode_threads.or(file.decode_threads),
-            )?,
+            max_batch_size: positive("max_batch_size", args.max_batch_size)?,
+            max_batch_delay: seconds("max_batch_delay_ms", args.max_batch_delay_ms)?
+                .map(|ms| Duration::from_secs_f64(ms / 1e3)),
+            max_queue: positive("max_queue", args.max_queue)?,
+            feature_cache_bytes: args.feature_cache_bytes,
+            decode_threads: positive("decode_threads", args.decode_threads)?,
         };
         let grpc = GrpcSettings {
-            drain_timeout: seconds("drain_timeout", self.drain_timeout.or(file.drain_timeout))?
+            drain_timeout: seconds("drain_timeout", args.drain_timeout)?
                 .map_or(grpc.drain_timeout, Duration::from_secs_f64),
             ..grpc
         };
@@ -583,7 +598,8 @@ mod tests {
         let file = dir.path().join("fptserve.toml");
         std::fs::write(
             &file,
-            "grpc_listen = \"0.0.0.0:6000\"\nmax_in_flight = 3\nmetrics_listen = \"off\"\n",
+            "grpc_listen = \"0.0.0.0:6000\"\nmax_in_flight = 3\nmetrics_listen = \"off\"\n\
+             intra_op_threads = 3\nrequire_signatures = false\n",
         )
         .unwrap();
         let args = ServeArgs {
@@ -597,6 +613,7 @@ mod tests {
         assert_eq!(config.metrics_listen, None);
         assert_eq!(config.grpc.max_message_bytes, 256 << 20);
         assert_eq!(config.models.device, Device::Cpu);
+        assert_eq!(config.models.threads.intra_op, 3);
 
         std::fs::write(&file, "grpc_listn = \"x\"\n").unwrap();
         let err = ServeArgs {

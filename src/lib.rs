@@ -4,15 +4,19 @@
 //! [`decode`] (DICOM / PNG / JPEG / TIFF -> display pixels) -> [`preprocess`] (PIL-exact
 //! resize, normalisation) -> [`model::backbone`] (shared frozen ViT, K/V of the selected
 //! tokens) -> [`model::adapter`] (per-task side network) -> [`engine`] (response).
-//! [`registry`] holds the loaded models as an immutable snapshot, [`repository`] reads a
-//! model repository from disk, [`watch`] keeps the loaded adapters in line with it, [`grpc`]
-//! is the network surface (classification and admin) and [`server`] wires it up.
+//! [`registry`] holds the loaded models as an immutable snapshot, [`lifecycle`] is the one
+//! way adapters come into it (load, verify, warm, publish), [`repository`] reads a model
+//! repository from disk, [`watch`] keeps the loaded adapters in line with it, [`grpc`] is
+//! the network surface (classification and admin), [`server`] runs its listeners and
+//! [`daemon`] wires everything up for `fptserve serve` and the tests.
 
 pub mod cli;
 pub mod config;
+pub mod daemon;
 pub mod decode;
 pub mod engine;
 pub mod grpc;
+pub mod lifecycle;
 pub mod metrics;
 pub mod model;
 pub mod preprocess;

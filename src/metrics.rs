@@ -16,6 +16,8 @@ pub const STAGE_SECONDS: &str = "fptserve_stage_duration_seconds";
 pub const ADAPTERS: &str = "fptserve_adapters";
 /// Time to load an adapter.
 pub const ADAPTER_LOAD_SECONDS: &str = "fptserve_adapter_load_duration_seconds";
+/// Requests that ran a model nothing had warmed, by kind.
+pub const COLD_RUNS: &str = "fptserve_model_cold_runs_total";
 /// Models that failed to load, by kind.
 pub const MODEL_LOAD_FAILURES: &str = "fptserve_model_load_failures_total";
 /// Bytes of loaded models, by kind.
@@ -52,8 +54,12 @@ const LOAD_BUCKETS: &[f64] = &[0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
 /// How often the process gauges (resident memory) are refreshed.
 const PROCESS_REFRESH: std::time::Duration = std::time::Duration::from_secs(1);
 
-/// Installs the Prometheus exporter on its own HTTP listener (`GET /metrics`).
-pub fn install(listen: SocketAddr) -> Result<(), BuildError> {
+/// Installs the Prometheus exporter on its own HTTP listener (`GET /metrics`), and
+/// refreshes the process gauges until `shutdown` resolves. Call inside the Tokio runtime.
+pub fn install(
+    listen: SocketAddr,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), BuildError> {
     PrometheusBuilder::new()
         .with_http_listener(listen)
         .set_buckets_for_metric(Matcher::Full(STAGE_SECONDS.into()), STAGE_BUCKETS)?
@@ -70,18 +76,22 @@ pub fn install(listen: SocketAddr) -> Result<(), BuildError> {
     for kind in ["backbone", "adapter"] {
         metrics::gauge!(MODEL_MEMORY, "kind" => kind).set(0.0);
         metrics::counter!(MODEL_LOAD_FAILURES, "kind" => kind).absolute(0);
+        metrics::counter!(COLD_RUNS, "kind" => kind).absolute(0);
+    }
+    for reason in ["deadline", "cancelled"] {
+        metrics::counter!(DROPPED, "reason" => reason).absolute(0);
     }
     refresh_process();
-    std::thread::Builder::new()
-        .name("fptserve-process-metrics".into())
-        .spawn(|| {
-            loop {
-                std::thread::sleep(PROCESS_REFRESH);
-                refresh_process();
+    tokio::spawn(async move {
+        let mut ticks = tokio::time::interval(PROCESS_REFRESH);
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                _ = ticks.tick() => refresh_process(),
+                () = &mut shutdown => break,
             }
-        })
-        .map(drop)
-        .unwrap_or_else(|e| tracing::warn!(error = %e, "process metrics not refreshed"));
+        }
+    });
     Ok(())
 }
 
@@ -138,11 +148,15 @@ fn describe() {
     metrics::describe_histogram!(
         ADAPTER_LOAD_SECONDS,
         metrics::Unit::Seconds,
-        "Time to load one adapter: manifest, SHA-256, ONNX Runtime session, interface checks."
+        "Time to load one adapter: manifest, SHA-256, ONNX Runtime session, interface checks (the warm-up run comes after)."
     );
     metrics::describe_counter!(
         MODEL_LOAD_FAILURES,
         "Model loads refused, by kind: backbone or adapter (at start, by the admin API, the repository watch or the model repository extension)."
+    );
+    metrics::describe_counter!(
+        COLD_RUNS,
+        "Requests that ran a model ONNX Runtime had not run before, by kind (backbone, adapter), paying its first-run set-up. Every load warms its models first, so this stays 0."
     );
     metrics::describe_gauge!(
         MODEL_MEMORY,
@@ -220,13 +234,15 @@ pub fn backbone_batch(images: usize) {
     metrics::histogram!(BACKBONE_BATCH_SIZE).record(images as f64);
 }
 
-/// Counts one backbone job dropped unrun.
-pub fn work_dropped(reason: crate::engine::Abandoned) {
-    let reason = match reason {
-        crate::engine::Abandoned::Deadline => "deadline",
-        crate::engine::Abandoned::Cancelled => "cancelled",
-    };
+/// Counts one backbone job dropped unrun; `reason` is "deadline" or "cancelled".
+pub fn work_dropped(reason: &'static str) {
     metrics::counter!(DROPPED, "reason" => reason).increment(1);
+}
+
+/// Counts one request run of a model that had not run before; `kind` is "backbone" or
+/// "adapter".
+pub fn cold_run(kind: &'static str) {
+    metrics::counter!(COLD_RUNS, "kind" => kind).increment(1);
 }
 
 /// Counts one feature cache lookup.

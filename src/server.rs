@@ -1,5 +1,5 @@
-//! Wiring: the gRPC servers with their services, started on listeners the caller bound,
-//! so tests run the real servers on port 0.
+//! The gRPC servers with their services, started on listeners the caller bound (so tests
+//! run the real servers on port 0); [`crate::daemon`] wires them to the models.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -12,7 +12,7 @@ use tonic_health::pb::health_server::HealthServer;
 use tonic_health::server::HealthService;
 
 use crate::grpc::admin::{AdminService, BearerToken};
-use crate::grpc::calls::{Loaded, Serving};
+use crate::grpc::calls::Serving;
 use crate::grpc::classifier::ClassifierService;
 use crate::grpc::inference::InferenceService;
 use crate::proto;
@@ -103,19 +103,6 @@ fn reflection(services: &[&str]) -> tonic_reflection::server::Builder<'static> {
         builder = builder.with_service_name(*name);
     }
     builder
-}
-
-/// Serves models that are already loaded: [`serve`] with the server ready at once.
-pub async fn run(
-    loaded: Loaded,
-    admin_token: Option<Arc<str>>,
-    settings: GrpcSettings,
-    listener: TcpListener,
-    shutdown: impl Future<Output = ()>,
-) -> Result<(), tonic::transport::Error> {
-    let (serving, health) = Serving::new(settings.max_in_flight, admin_token).await;
-    serving.set_ready(loaded).await;
-    serve(serving, health, settings, listener, shutdown).await
 }
 
 /// Serves the inference APIs on `listener` until `shutdown` resolves, then drains:

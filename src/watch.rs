@@ -11,11 +11,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use crate::model::adapter::{Adapter, unix_ms};
-use crate::registry::{Failure, Registry};
+use crate::lifecycle::{Lifecycle, LoadError, Origin};
+use crate::registry::Publish;
 use crate::repository::adapter_folders;
 use crate::repository::manifest::{AdapterManifest, MANIFEST_FILE};
-use crate::runtime::Runtime;
 
 /// What a folder looked like: modification times and sizes of its two files.
 type Stamp = Vec<(SystemTime, u64)>;
@@ -62,7 +61,9 @@ pub struct Watcher {
 
 impl Watcher {
     /// One scan: brings the registry in line with the repository's tasks/ folder.
-    pub fn sync(&mut self, repository: &Path, registry: &Registry, runtime: &Runtime) {
+    pub fn sync(&mut self, lifecycle: &Lifecycle) {
+        let repository = lifecycle.repository();
+        let registry = lifecycle.registry();
         let found = scan(repository);
         let snapshot = registry.snapshot();
         let tasks_dir = repository.join("tasks");
@@ -91,64 +92,55 @@ impl Watcher {
             if self.refused.get(&f.dir) == Some(&f.stamp) {
                 continue;
             }
-            let backbones = snapshot.backbones().to_vec();
-            match Adapter::load_warm(&f.dir, runtime, &backbones) {
-                Ok(adapter) => {
+            // a copy in progress changes between scans; a bad adapter does not, so a
+            // refusal is recorded only when the folder looked the same last time
+            let settled = self.unsettled.get(&f.dir) == Some(&f.stamp);
+            let shown = f.dir.display().to_string();
+            let publish = Publish {
+                replace: true,
+                ..Publish::default()
+            };
+            let result = if settled {
+                lifecycle.load(&f.dir, &shown, Origin::Watch, publish)
+            } else {
+                lifecycle.try_load(&f.dir, &shown, Origin::Watch, publish)
+            };
+            match result {
+                Ok(_) | Err(LoadError::Change(_)) => {
                     self.unsettled.remove(&f.dir);
                     self.refused.remove(&f.dir);
-                    match registry.insert(Arc::new(adapter), false, true, false) {
-                        Ok(i) => tracing::info!(
-                            task = i.adapter.task(),
-                            version = i.adapter.version(),
-                            replaced = i.replaced,
-                            "watch: adapter loaded"
-                        ),
-                        Err(e) => tracing::warn!(error = %e, "watch: adapter not published"),
-                    }
                 }
-                Err(e) => {
-                    // a copy in progress changes between scans; a bad adapter does not
-                    if self.unsettled.get(&f.dir) == Some(&f.stamp) {
-                        tracing::warn!(path = %f.dir.display(), error = %e, "watch: adapter refused");
-                        registry.record_failure(Failure {
-                            task: f.manifest.task.clone(),
-                            version: f.manifest.version.clone(),
-                            path: f.dir.display().to_string(),
-                            error: e.to_string(),
-                            at_unix_ms: unix_ms(),
-                        });
-                        self.unsettled.remove(&f.dir);
-                        self.refused.insert(f.dir.clone(), f.stamp);
-                    } else {
-                        self.unsettled.insert(f.dir.clone(), f.stamp);
-                    }
+                Err(LoadError::Model(_)) if settled => {
+                    self.unsettled.remove(&f.dir);
+                    self.refused.insert(f.dir.clone(), f.stamp);
+                }
+                Err(LoadError::Model(_)) => {
+                    self.unsettled.insert(f.dir.clone(), f.stamp);
                 }
             }
         }
     }
 }
 
-/// Scans every `interval` until the process ends.
+/// Scans every `interval` until `shutdown` resolves.
 pub async fn run(
-    repository: PathBuf,
-    registry: Arc<Registry>,
-    runtime: Arc<Runtime>,
+    lifecycle: Arc<Lifecycle>,
     interval: Duration,
+    shutdown: impl std::future::Future<Output = ()>,
 ) {
     let watcher = Arc::new(std::sync::Mutex::new(Watcher::default()));
     let mut ticks = tokio::time::interval(interval);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tokio::pin!(shutdown);
     loop {
-        ticks.tick().await;
-        let (repository, registry, runtime, watcher) = (
-            repository.clone(),
-            registry.clone(),
-            runtime.clone(),
-            watcher.clone(),
-        );
+        tokio::select! {
+            _ = ticks.tick() => {}
+            () = &mut shutdown => return,
+        }
+        let (lifecycle, watcher) = (lifecycle.clone(), watcher.clone());
         let _ = tokio::task::spawn_blocking(move || {
             let mut watcher = watcher.lock().unwrap_or_else(|e| e.into_inner());
-            watcher.sync(&repository, &registry, &runtime);
+            watcher.sync(&lifecycle);
         })
         .await;
     }

@@ -6,15 +6,13 @@ mod common;
 
 use std::sync::Arc;
 
-use common::{TestServer, demo_repository, fixture, request, runtime};
+use common::{TestServer, demo_repository, fixture, request};
 use fptserve::decode::Limits;
 use fptserve::engine::{Engine, EngineSettings};
-use fptserve::grpc::calls::{Loaded, Serving};
+use fptserve::grpc::calls::Serving;
 use fptserve::proto::inference as kserve;
 use fptserve::proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
 use fptserve::proto::v1::classify_request::Input;
-use fptserve::registry::Registry;
-use fptserve::repository;
 use fptserve::server::{self, GrpcSettings};
 use tonic::transport::Channel;
 use tonic_health::pb::HealthCheckRequest;
@@ -111,20 +109,13 @@ async fn nothing_is_served_until_the_models_are_ready_and_then_everything_is() {
     assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
 
     // loaded and warm
-    let runtime = runtime();
-    let loaded = repository::load(&demo_repository(), &runtime).expect("repository loads");
+    let started = common::load(&demo_repository());
     let engine = Arc::new(Engine::new(
-        Arc::new(Registry::new(loaded.snapshot)),
+        started.lifecycle,
         Limits::default(),
         EngineSettings::default(),
     ));
-    serving
-        .set_ready(Loaded {
-            engine,
-            runtime,
-            repository: demo_repository(),
-        })
-        .await;
+    serving.set_ready(engine).await;
     assert_eq!(
         health(&channel).await,
         vec![ServingStatus::Serving as i32; 3]

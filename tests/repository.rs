@@ -5,7 +5,7 @@ mod common;
 
 use std::path::Path;
 
-use fptserve::repository;
+use fptserve::lifecycle::Lifecycle;
 
 fn edit_manifest(path: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
     let file = path.join("manifest.json");
@@ -39,8 +39,7 @@ fn broken_adapters_are_skipped_with_their_reason_and_the_rest_serve() {
             .push(serde_json::json!("extra"));
     });
 
-    let runtime = common::runtime();
-    let loaded = repository::load(&repo, &runtime).unwrap();
+    let loaded = common::load(&repo);
     let reason = |task: &str| -> String {
         loaded
             .failures
@@ -67,7 +66,7 @@ fn broken_adapters_are_skipped_with_their_reason_and_the_rest_serve() {
     );
 
     // The intact version still serves, and is now the default.
-    let snapshot = loaded.snapshot;
+    let snapshot = loaded.lifecycle.registry().snapshot();
     assert_eq!(snapshot.tasks().len(), 1);
     assert_eq!(snapshot.resolve("dr-grade").unwrap().version(), "1");
     assert!(snapshot.resolve("chest-xray").is_err());
@@ -76,8 +75,7 @@ fn broken_adapters_are_skipped_with_their_reason_and_the_rest_serve() {
 #[test]
 fn a_folder_that_is_not_a_repository_is_refused() {
     let dir = tempfile::tempdir().unwrap();
-    let runtime = common::runtime();
-    let error = repository::load(dir.path(), &runtime)
+    let error = Lifecycle::start(dir.path(), common::runtime(), None)
         .err()
         .expect("must fail");
     assert!(

@@ -3,7 +3,9 @@
 
 mod common;
 
-use fptserve::repository;
+use std::sync::Arc;
+
+use fptserve::lifecycle::Lifecycle;
 use fptserve::runtime::{Device, Runtime, Threads};
 
 #[test]
@@ -17,9 +19,9 @@ fn cuda_request_without_cuda_falls_back_to_cpu_and_still_classifies() {
     // The PyPI `onnxruntime` wheel this project fetches is the CPU build.
     assert_eq!(runtime.device(), Device::Cpu);
     assert!(runtime.library().ends_with("libonnxruntime.so.1.32.0"));
-    let loaded = repository::load(&common::demo_repository(), &runtime).unwrap();
+    let loaded = Lifecycle::start(&common::demo_repository(), Arc::new(runtime), None).unwrap();
     assert!(loaded.failures.is_empty(), "{:?}", loaded.failures);
-    assert_eq!(loaded.snapshot.tasks().len(), 3);
+    assert_eq!(loaded.lifecycle.registry().snapshot().tasks().len(), 3);
 }
 
 #[test]

@@ -8,34 +8,23 @@ use anyhow::Context;
 use crate::config::ClassifyArgs;
 use crate::decode::Limits;
 use crate::engine::{Engine, EngineSettings, Outcome, Payload, Request};
-use crate::registry::Registry;
-
-/// True when the bytes look like a DICOM Part 10 file.
-pub fn is_dicom(bytes: &[u8]) -> bool {
-    (bytes.len() >= 132 && &bytes[128..132] == b"DICM") || bytes.starts_with(b"DICM")
-}
 
 /// Runs the command and prints the result.
 pub fn run(args: ClassifyArgs) -> anyhow::Result<()> {
     let bytes =
         std::fs::read(&args.file).with_context(|| format!("reading {}", args.file.display()))?;
     let config = args.models.resolve()?;
-    let (_runtime, loaded) = super::load_models(&config, None)?;
-    for failure in &loaded.failures {
+    let started = crate::daemon::load_models(&config, None, None)?;
+    for failure in &started.failures {
         eprintln!("skipped {}: {}", failure.path.display(), failure.error);
     }
     let engine = Arc::new(Engine::new(
-        Arc::new(Registry::new(loaded.snapshot)),
+        started.lifecycle,
         Limits::default(),
         EngineSettings::default(),
     ));
-    let payload = if is_dicom(&bytes) {
-        Payload::Dicom(bytes)
-    } else {
-        Payload::Image(bytes)
-    };
     let request = Request {
-        payload,
+        payload: Payload::sniff(bytes),
         tasks: args.tasks,
         frame: args.frame,
         pixel_policy: None,

@@ -1,52 +1,12 @@
 //! `fptserve decode FILE`: decode one frame the way the daemon does and write its samples
 //! as a NumPy `.npy` file, so independent tools (pydicom in tests/python) can check them.
 
-use std::path::PathBuf;
-
-use clap::Args;
 use serde_json::json;
 
+use crate::config::DecodeArgs;
 use crate::decode::dicom::{ColourFrame, Samples};
-use crate::decode::{DecodeError, Limits, Pixels};
-use crate::repository::manifest::DicomPolicy;
-
-/// `fptserve decode`.
-#[derive(Args, Debug)]
-pub struct DecodeArgs {
-    /// A DICOM, PNG, JPEG or TIFF file.
-    pub file: PathBuf,
-    /// Frame (0-based).
-    #[arg(long, default_value_t = 0)]
-    pub frame: u32,
-    /// `stored`: int32 (rows, columns, samples) before any value transform (DICOM only);
-    /// `display`: uint8 (rows, columns, 3) after the pixel policy.
-    #[arg(long, default_value = "stored")]
-    pub output: String,
-    /// Where to write the .npy file.
-    #[arg(long)]
-    pub npy: Option<PathBuf>,
-    /// DICOM VOI policy for `display`: auto, window or minmax.
-    #[arg(long, default_value = "auto")]
-    pub voi: String,
-    /// Window centre for `--voi window`.
-    #[arg(long)]
-    pub window_center: Option<f64>,
-    /// Window width for `--voi window`.
-    #[arg(long)]
-    pub window_width: Option<f64>,
-    /// VOI function for `--voi window`: linear, linear_exact or sigmoid.
-    #[arg(long)]
-    pub voi_function: Option<String>,
-}
-
-/// The gRPC status name a decode error maps to.
-pub fn status_name(e: &DecodeError) -> &'static str {
-    match e {
-        DecodeError::Invalid(_) | DecodeError::FrameOutOfRange { .. } => "INVALID_ARGUMENT",
-        DecodeError::Unsupported(_) => "UNIMPLEMENTED",
-        DecodeError::TooLarge(_) => "RESOURCE_EXHAUSTED",
-    }
-}
+use crate::decode::{DecodeError, DicomPolicy, Limits, Pixels};
+use crate::grpc::status::{code_name, decode_code};
 
 /// Encodes a C-order NumPy array (format 1.0).
 pub fn npy(descr: &str, shape: &[usize], data: &[u8]) -> Vec<u8> {
@@ -73,7 +33,7 @@ fn run_inner(args: &DecodeArgs) -> Result<serde_json::Value, DecodeError> {
     let bytes = std::fs::read(&args.file)
         .map_err(|e| DecodeError::Invalid(format!("cannot read {}: {e}", args.file.display())))?;
     let limits = Limits::default();
-    let decoded = if super::classify::is_dicom(&bytes) {
+    let decoded = if crate::decode::is_dicom(&bytes) {
         crate::decode::dicom::decode(&bytes, args.frame, &limits)?
     } else {
         crate::decode::image::decode(&bytes, args.frame, &limits)?
@@ -120,15 +80,13 @@ fn run_inner(args: &DecodeArgs) -> Result<serde_json::Value, DecodeError> {
                 )
             }
             "display" => {
-                let policy = DicomPolicy {
-                    voi: args.voi.clone(),
-                    window_center: args.window_center,
-                    window_width: args.window_width,
-                    voi_function: args.voi_function.clone(),
-                    allow_request_override: false,
-                };
-                policy.validate().map_err(DecodeError::Invalid)?;
-                let rgb = decoded.render(&policy)?;
+                let policy = DicomPolicy::parse(
+                    &args.voi,
+                    args.window_center,
+                    args.window_width,
+                    args.voi_function.as_deref(),
+                )?;
+                let rgb = decoded.render(&policy);
                 (
                     "|u1",
                     vec![rows, columns, 3],
@@ -160,7 +118,7 @@ pub fn run(args: DecodeArgs) -> anyhow::Result<std::process::ExitCode> {
         Err(e) => {
             println!(
                 "{}",
-                json!({"ok": false, "code": status_name(&e), "message": e.to_string()})
+                json!({"ok": false, "code": code_name(decode_code(&e)), "message": e.to_string()})
             );
             Ok(std::process::ExitCode::from(1))
         }

@@ -6,6 +6,7 @@ pub mod codec;
 pub mod dicom;
 pub mod image;
 pub mod photometric;
+pub mod policy;
 pub mod scan;
 pub mod voi;
 
@@ -13,8 +14,21 @@ use std::borrow::Cow;
 
 use serde::Serialize;
 
+pub use self::policy::DicomPolicy;
 use crate::preprocess::RgbImage;
-use crate::repository::manifest::DicomPolicy;
+
+/// Where a DICOM Part 10 file's "DICM" prefix is: after the 128-byte preamble, or at the
+/// start when the preamble is left out. None: not a Part 10 file (an image file, say).
+pub fn dicom_prefix(bytes: &[u8]) -> Option<usize> {
+    [128, 0]
+        .into_iter()
+        .find(|&at| bytes.get(at..at + 4) == Some(b"DICM"))
+}
+
+/// True when the bytes are a DICOM Part 10 file (by their prefix).
+pub fn is_dicom(bytes: &[u8]) -> bool {
+    dicom_prefix(bytes).is_some()
+}
 
 /// Bounds on what one request may make the daemon allocate. Checked from the headers,
 /// before the pixels are decoded.
@@ -115,10 +129,10 @@ pub struct Decoded {
 
 impl Decoded {
     /// Display pixels under a task's DICOM pixel policy (ignored for non-DICOM input).
-    pub fn render(&self, policy: &DicomPolicy) -> Result<Cow<'_, RgbImage>, DecodeError> {
+    pub fn render(&self, policy: &DicomPolicy) -> Cow<'_, RgbImage> {
         match &self.pixels {
-            Pixels::Display(img) => Ok(Cow::Borrowed(img)),
-            Pixels::Dicom(frame) => voi::render(frame, policy).map(Cow::Owned),
+            Pixels::Display(img) => Cow::Borrowed(img),
+            Pixels::Dicom(frame) => Cow::Owned(voi::render(frame, policy)),
         }
     }
 }

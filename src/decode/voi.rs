@@ -20,10 +20,9 @@
 //! Colour frames take no VOI: 8-bit samples are used as they are, deeper ones keep their
 //! top 8 stored bits; palette indices go through the palette tables first.
 
-use super::DecodeError;
 use super::dicom::{ColourFrame, Frame, GreyFrame, Samples};
+use super::policy::DicomPolicy;
 use crate::preprocess::RgbImage;
-use crate::repository::manifest::DicomPolicy;
 
 /// A lookup table (modality, VOI or palette): PS3.3 C.11.1.1 descriptor semantics.
 #[derive(Clone, Debug, PartialEq)]
@@ -65,6 +64,15 @@ impl VoiFunction {
             "LINEAR_EXACT" => Some(VoiFunction::LinearExact),
             "SIGMOID" => Some(VoiFunction::Sigmoid),
             _ => None,
+        }
+    }
+
+    /// The manifest's lower-case name.
+    pub fn name(self) -> &'static str {
+        match self {
+            VoiFunction::Linear => "linear",
+            VoiFunction::LinearExact => "linear_exact",
+            VoiFunction::Sigmoid => "sigmoid",
         }
     }
 }
@@ -152,17 +160,13 @@ fn to_u8(y: f64) -> u8 {
 }
 
 /// Display pixels of a frame under `policy`.
-pub fn render(frame: &Frame, policy: &DicomPolicy) -> Result<RgbImage, DecodeError> {
+pub fn render(frame: &Frame, policy: &DicomPolicy) -> RgbImage {
     match &frame.samples {
         Samples::Grey(grey) => {
-            let values = grey_display(grey, policy)?;
-            Ok(RgbImage::from_grey(frame.width, frame.height, values))
+            let values = grey_display(grey, policy);
+            RgbImage::from_grey(frame.width, frame.height, values)
         }
-        Samples::Colour(colour) => Ok(RgbImage::rgb(
-            frame.width,
-            frame.height,
-            colour_display(colour),
-        )),
+        Samples::Colour(colour) => RgbImage::rgb(frame.width, frame.height, colour_display(colour)),
     }
 }
 
@@ -201,7 +205,7 @@ fn colour_display(colour: &ColourFrame) -> Vec<u8> {
 }
 
 /// Modality -> VOI -> 8 bits -> MONOCHROME1 inversion.
-pub fn grey_display(grey: &GreyFrame, policy: &DicomPolicy) -> Result<Vec<u8>, DecodeError> {
+pub fn grey_display(grey: &GreyFrame, policy: &DicomPolicy) -> Vec<u8> {
     let modality = |s: i32| grey.modality.apply(grey.value(s));
     let minmax = || -> Box<dyn Fn(i32) -> u8 + '_> {
         let (min, max) = modality_range(grey);
@@ -217,8 +221,8 @@ pub fn grey_display(grey: &GreyFrame, policy: &DicomPolicy) -> Result<Vec<u8>, D
     let window = |w: Window| -> Box<dyn Fn(i32) -> u8 + '_> {
         Box::new(move |s| to_u8(w.apply(modality(s))))
     };
-    let display: Box<dyn Fn(i32) -> u8 + '_> = match policy.voi.as_str() {
-        "auto" => {
+    let display: Box<dyn Fn(i32) -> u8 + '_> = match policy {
+        DicomPolicy::Auto => {
             if let Some(lut) = grey.voi.luts.first() {
                 let scale = 255.0 / ((1u64 << lut.bits.min(32)) - 1) as f64;
                 Box::new(move |s| to_u8(f64::from(lut.lookup(modality(s) as i64)) * scale))
@@ -231,19 +235,14 @@ pub fn grey_display(grey: &GreyFrame, policy: &DicomPolicy) -> Result<Vec<u8>, D
                 minmax()
             }
         }
-        "minmax" => minmax(),
-        "window" => window(policy.window()?),
-        other => {
-            return Err(DecodeError::Unsupported(format!(
-                "DICOM VOI policy {other:?} is not supported (auto, window or minmax)"
-            )));
-        }
+        DicomPolicy::MinMax => minmax(),
+        DicomPolicy::Window(w) => window(*w),
     };
-    Ok(if grey.monochrome1 {
+    if grey.monochrome1 {
         map_stored(grey, |s| 255 - display(s))
     } else {
         map_stored(grey, display)
-    })
+    }
 }
 
 /// The stored values' range when a table of every possible value is cheaper than the pixels.
@@ -370,10 +369,7 @@ mod tests {
             voi: FileVoi::default(),
             monochrome1: true,
         };
-        assert_eq!(
-            grey_display(&grey, &DicomPolicy::default()).unwrap(),
-            vec![255, 0]
-        );
+        assert_eq!(grey_display(&grey, &DicomPolicy::default()), vec![255, 0]);
     }
 
     /// Pixels that use the table path and the same values as a tiny frame (per-pixel path).
@@ -414,14 +410,14 @@ mod tests {
             possible_values(&big).is_some(),
             "{bits} bits take the table path"
         );
-        let table = grey_display(&big, policy).unwrap();
+        let table = grey_display(&big, policy);
         for (chunk, want) in stored.chunks(3).zip(table.chunks(3)) {
             let small = frame(chunk.to_vec());
             assert!(possible_values(&small).is_none());
             // the per-pixel path, with the big frame's min-max range forced by two extra pixels
             let mut pixels = chunk.to_vec();
             pixels.extend(extremes);
-            let got = grey_display(&frame(pixels), policy).unwrap();
+            let got = grey_display(&frame(pixels), policy);
             assert_eq!(
                 &got[..chunk.len()],
                 want,
@@ -444,10 +440,7 @@ mod tests {
             }],
         };
         let auto = DicomPolicy::default();
-        let minmax = DicomPolicy {
-            voi: "minmax".into(),
-            ..DicomPolicy::default()
-        };
+        let minmax = DicomPolicy::MinMax;
         both_paths(12, false, rescale.clone(), window.clone(), &auto);
         both_paths(12, true, rescale.clone(), FileVoi::default(), &auto);
         both_paths(10, true, rescale, FileVoi::default(), &minmax);

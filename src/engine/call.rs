@@ -21,6 +21,16 @@ pub enum Abandoned {
     Cancelled,
 }
 
+impl Abandoned {
+    /// Its metric label.
+    pub fn label(self) -> &'static str {
+        match self {
+            Abandoned::Deadline => "deadline",
+            Abandoned::Cancelled => "cancelled",
+        }
+    }
+}
+
 /// A call in flight.
 pub struct Call {
     deadline: Option<Instant>,

@@ -26,14 +26,14 @@ use self::cache::{CacheKey, FeatureCache};
 pub use self::call::{Abandoned, Call, CancelOnDrop};
 use self::stats::Stats;
 pub use self::stats::StatsSnapshot;
-use crate::decode::{self, DecodeError, DicomIdentifiers, InputInfo, Limits};
+use crate::decode::{self, DecodeError, DicomIdentifiers, DicomPolicy, InputInfo, Limits};
+use crate::lifecycle::{Lifecycle, LoadError};
 use crate::metrics;
 use crate::model::ModelError;
 use crate::model::adapter::Adapter;
 use crate::model::backbone::{Backbone, Features};
 use crate::preprocess::{self, RgbImage};
-use crate::registry::{Registry, ResolveError};
-use crate::repository::manifest::DicomPolicy;
+use crate::registry::{Registry, ResolveError, Snapshot};
 
 /// How the engine schedules work.
 #[derive(Clone, Copy, Debug)]
@@ -78,6 +78,17 @@ pub enum Payload {
     Dicom(Vec<u8>),
     /// A PNG, JPEG or TIFF file.
     Image(Vec<u8>),
+}
+
+impl Payload {
+    /// A file's payload kind from its first bytes: DICOM Part 10, else an image file.
+    pub fn sniff(bytes: Vec<u8>) -> Self {
+        if crate::decode::is_dicom(&bytes) {
+            Payload::Dicom(bytes)
+        } else {
+            Payload::Image(bytes)
+        }
+    }
 }
 
 /// One classification request.
@@ -126,12 +137,12 @@ pub enum ClassifyError {
         capacity: usize,
     },
     /// An adapter evicted under the budget could not be loaded again.
-    #[error("{task} was evicted under the adapter budget and does not load again: {reason}")]
+    #[error("{task} was evicted under the adapter budget and does not load again: {source}")]
     Reload {
         /// The task reference.
         task: String,
-        /// Why.
-        reason: String,
+        /// Why, as any other load path would refuse it.
+        source: LoadError,
     },
 }
 
@@ -267,7 +278,7 @@ struct PassOutput {
 
 /// Runs classification requests against the registry's current snapshot.
 pub struct Engine {
-    registry: Arc<Registry>,
+    lifecycle: Arc<Lifecycle>,
     limits: Limits,
     settings: EngineSettings,
     cache: Arc<FeatureCache>,
@@ -278,10 +289,10 @@ pub struct Engine {
 }
 
 impl Engine {
-    /// An engine over `registry`, decoding within `limits`.
-    pub fn new(registry: Arc<Registry>, limits: Limits, settings: EngineSettings) -> Self {
+    /// An engine over the models of `lifecycle`, decoding within `limits`.
+    pub fn new(lifecycle: Arc<Lifecycle>, limits: Limits, settings: EngineSettings) -> Self {
         Engine {
-            registry,
+            lifecycle,
             limits,
             settings,
             cache: Arc::new(FeatureCache::new(settings.feature_cache_bytes)),
@@ -293,7 +304,12 @@ impl Engine {
 
     /// The registry it serves from.
     pub fn registry(&self) -> &Arc<Registry> {
-        &self.registry
+        self.lifecycle.registry()
+    }
+
+    /// The lifecycle its adapters come through.
+    pub fn lifecycle(&self) -> &Arc<Lifecycle> {
+        &self.lifecycle
     }
 
     /// What it has done so far.
@@ -332,33 +348,25 @@ impl Engine {
     ) -> Result<DicomPolicy, ClassifyError> {
         let own = &adapter.manifest().preprocessing.dicom;
         match requested {
-            None => Ok(own.clone()),
+            None => Ok(own.policy),
             Some(_) if !own.allow_request_override => Err(ClassifyError::PixelPolicy(format!(
                 "task {}@{} does not allow overriding its DICOM pixel policy",
                 adapter.task(),
                 adapter.version()
             ))),
-            Some(p) => {
-                p.validate()
-                    .map_err(|e| ClassifyError::PixelPolicy(format!("pixel_policy: {e}")))?;
-                Ok(p.clone())
-            }
+            Some(p) => Ok(*p),
         }
     }
 
     /// Resolves a task reference, reloading an adapter evicted under the budget.
-    fn resolve(
-        &self,
-        snapshot: &crate::registry::Snapshot,
-        task: &str,
-    ) -> Result<Arc<Adapter>, ClassifyError> {
+    fn resolve(&self, snapshot: &Snapshot, task: &str) -> Result<Arc<Adapter>, ClassifyError> {
         match snapshot.resolve(task) {
             Err(e @ (ResolveError::UnknownTask(_) | ResolveError::UnknownVersion { .. })) => {
-                match self.registry.reload_evicted(task) {
+                match self.lifecycle.reload_evicted(task) {
                     Some(Ok(adapter)) => Ok(adapter),
-                    Some(Err(reason)) => Err(ClassifyError::Reload {
+                    Some(Err(source)) => Err(ClassifyError::Reload {
                         task: task.to_string(),
-                        reason,
+                        source,
                     }),
                     None => Err(e.into()),
                 }
@@ -413,7 +421,7 @@ impl Engine {
     /// Blocking.
     fn prepare(&self, request: Request) -> Result<Prepared, ClassifyError> {
         // Resolve before decoding: an unknown task fails without touching the pixels.
-        let snapshot = self.registry.snapshot();
+        let snapshot = self.registry().snapshot();
         let adapters: Vec<Arc<Adapter>> = request
             .tasks
             .iter()
@@ -447,7 +455,7 @@ impl Engine {
             let image_index = match rendered.iter().position(|(p, _)| p == policy) {
                 Some(i) => i,
                 None => {
-                    rendered.push((policy.clone(), decoded.render(policy)?));
+                    rendered.push((*policy, decoded.render(policy)));
                     rendered.len() - 1
                 }
             };
@@ -457,7 +465,7 @@ impl Engine {
                 backbone: adapter.backbone().identity().sha256,
                 mean: bits(norm.mean),
                 std: bits(norm.std),
-                policy: policy.clone(),
+                policy: *policy,
             };
             let pass = match passes.iter().position(|p| p.key == key) {
                 Some(i) => i,
@@ -485,7 +493,7 @@ impl Engine {
                 size: pre.side_size,
                 mean: bits(norm.mean),
                 std: bits(norm.std),
-                policy: policy.clone(),
+                policy: *policy,
             };
             let side_pixels = match side_inputs.iter().find(|(k, _)| *k == side_key) {
                 Some((_, pixels)) => pixels.clone(),

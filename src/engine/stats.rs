@@ -75,7 +75,7 @@ impl Stats {
             super::Abandoned::Deadline => add(&self.dropped_deadline, 1),
             super::Abandoned::Cancelled => add(&self.dropped_cancelled, 1),
         }
-        crate::metrics::work_dropped(reason);
+        crate::metrics::work_dropped(reason.label());
     }
 
     pub(crate) fn queue_full(&self) {

@@ -3,20 +3,18 @@
 //! (manifest, digest, backbone identity and shapes, graph interface, one warm-up run), and
 //! a refused change leaves the serving set as it was.
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 
 use tonic::{Request, Response, Status};
 
-use crate::model::ModelError;
-use crate::model::adapter::{Adapter, AdapterInfo, unix_ms};
+use crate::lifecycle::{Lifecycle, Origin};
+use crate::model::adapter::AdapterInfo;
 use crate::proto::v1 as pb;
 use crate::proto::v1::admin_server::Admin;
-use crate::registry::{ChangeError, Departure, Failure, Registry};
+use crate::registry::{Departure, Publish, Registry};
 use crate::repository::manifest::{AdapterManifest, MANIFEST_FILE};
-use crate::runtime::Runtime;
 
 /// Where LoadAdapter may read from: the model repository, plus any extra roots.
 #[derive(Clone, Debug)]
@@ -62,44 +60,18 @@ impl AllowedRoots {
 
 /// The Admin service.
 pub struct AdminService {
-    registry: Arc<Registry>,
-    runtime: Arc<Runtime>,
+    lifecycle: Arc<Lifecycle>,
     roots: AllowedRoots,
-    /// Loads in progress, for ListAdapters.
-    loading: Arc<Mutex<BTreeMap<u64, AdapterInfo>>>,
 }
 
 impl AdminService {
-    /// Manages `registry`, creating sessions with `runtime`.
-    pub fn new(registry: Arc<Registry>, runtime: Arc<Runtime>, roots: AllowedRoots) -> Self {
-        AdminService {
-            registry,
-            runtime,
-            roots,
-            loading: Arc::default(),
-        }
+    /// Manages the adapters of `lifecycle`, loading from within `roots`.
+    pub fn new(lifecycle: Arc<Lifecycle>, roots: AllowedRoots) -> Self {
+        AdminService { lifecycle, roots }
     }
-}
 
-/// A ModelError as an admin status: each kind of bad adapter gets its own code.
-pub(crate) fn load_status(e: &ModelError) -> Status {
-    let message = e.to_string();
-    match e {
-        ModelError::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound => {
-            Status::not_found(message)
-        }
-        ModelError::Digest { .. } => Status::data_loss(message),
-        ModelError::Incompatible { .. } => Status::failed_precondition(message),
-        ModelError::Signature(_) => Status::permission_denied(message),
-        ModelError::Inference { .. } => Status::internal(message),
-        _ => Status::invalid_argument(message),
-    }
-}
-
-fn change_status(e: ChangeError) -> Status {
-    match e {
-        ChangeError::NotLoaded { .. } => Status::not_found(e.to_string()),
-        ChangeError::AlreadyLoaded { .. } => Status::already_exists(e.to_string()),
+    fn registry(&self) -> &Arc<Registry> {
+        self.lifecycle.registry()
     }
 }
 
@@ -183,67 +155,20 @@ impl Admin for AdminService {
             r.path.clone()
         };
 
-        let registry = self.registry.clone();
-        let runtime = self.runtime.clone();
-        let loading = self.loading.clone();
-        let outcome = tokio::task::spawn_blocking(move || {
+        let lifecycle = self.lifecycle.clone();
+        let publish = Publish {
+            make_default: r.make_default,
+            replace: r.replace,
+            pin: r.pin,
+        };
+        let inserted = tokio::task::spawn_blocking(move || {
             let _upload = upload;
-            // Known task/version while loading, when the manifest reads.
-            static NEXT: AtomicU64 = AtomicU64::new(0);
-            let id = NEXT.fetch_add(1, Ordering::Relaxed);
-            let named = AdapterManifest::read(&dir).ok();
-            if let Some(m) = &named {
-                let info = AdapterInfo {
-                    task: m.task.clone(),
-                    version: m.version.clone(),
-                    sha256: m.sha256.clone(),
-                    backbone: (m.backbone.name.clone(), m.backbone.sha256.clone()),
-                    path: dir.clone(),
-                    model_bytes: 0,
-                    load_ms: 0.0,
-                    loaded_unix_ms: unix_ms(),
-                    last_used_unix_ms: 0,
-                    requests_served: 0,
-                };
-                lock(&loading).insert(id, info);
-            }
-            let backbones = registry.snapshot().backbones().to_vec();
-            let result = Adapter::load_warm(&dir, &runtime, &backbones);
-            lock(&loading).remove(&id);
-            (result, named)
+            lifecycle.load(&dir, &shown, Origin::Admin, publish)
         })
         .await
-        .map_err(|e| Status::internal(format!("loading task panicked: {e}")))?;
-
-        let adapter = match outcome {
-            (Ok(adapter), _) => adapter,
-            (Err(e), named) => {
-                let (task, version) = named.map(|m| (m.task, m.version)).unwrap_or_default();
-                tracing::warn!(path = %shown, %task, %version, error = %e, "adapter load refused");
-                self.registry.record_failure(Failure {
-                    task,
-                    version,
-                    path: shown,
-                    error: e.to_string(),
-                    at_unix_ms: unix_ms(),
-                });
-                return Err(load_status(&e));
-            }
-        };
-        let inserted = self
-            .registry
-            .insert(Arc::new(adapter), r.make_default, r.replace, r.pin)
-            .map_err(change_status)?;
+        .map_err(|e| Status::internal(format!("loading task panicked: {e}")))??;
         let info = inserted.adapter.info();
-        let pinned = self.registry.is_pinned(&info.task, &info.version);
-        tracing::info!(
-            task = %info.task,
-            version = %info.version,
-            sha256 = %crate::repository::manifest::short(&info.sha256),
-            replaced = inserted.replaced,
-            load_ms = info.load_ms,
-            "adapter loaded"
-        );
+        let pinned = self.registry().is_pinned(&info.task, &info.version);
         let is_default = self.is_default(&info.task, &info.version);
         let mut adapter = status(&info, pb::AdapterState::Ready, is_default);
         adapter.pinned = pinned;
@@ -258,11 +183,7 @@ impl Admin for AdminService {
         request: Request<pb::UnloadAdapterRequest>,
     ) -> Result<Response<pb::UnloadAdapterResponse>, Status> {
         let r = request.into_inner();
-        let Some(adapter) = self
-            .registry
-            .remove(&r.task, &r.version)
-            .map_err(change_status)?
-        else {
+        let Some(adapter) = self.registry().remove(&r.task, &r.version)? else {
             tracing::info!(task = %r.task, version = %r.version, "evicted adapter forgotten");
             return Ok(Response::new(pb::UnloadAdapterResponse {
                 adapter: Some(pb::AdapterStatus {
@@ -289,7 +210,8 @@ impl Admin for AdminService {
         &self,
         _request: Request<pb::ListAdaptersRequest>,
     ) -> Result<Response<pb::ListAdaptersResponse>, Status> {
-        let snapshot = self.registry.snapshot();
+        let registry = self.registry();
+        let snapshot = registry.snapshot();
         let mut adapters: Vec<pb::AdapterStatus> = Vec::new();
         for task in snapshot.tasks().values() {
             let default = task.default_version().version();
@@ -299,14 +221,14 @@ impl Admin for AdminService {
                     pb::AdapterState::Ready,
                     adapter.version() == default,
                 );
-                s.pinned = self.registry.is_pinned(adapter.task(), adapter.version());
+                s.pinned = registry.is_pinned(adapter.task(), adapter.version());
                 adapters.push(s);
             }
         }
-        for info in lock(&self.loading).values() {
-            adapters.push(status(info, pb::AdapterState::Loading, false));
+        for info in self.lifecycle.loading() {
+            adapters.push(status(&info, pb::AdapterState::Loading, false));
         }
-        for retired in self.registry.retired() {
+        for retired in registry.retired() {
             let (info, state) = match retired.adapter.upgrade() {
                 Some(a) => (a.info(), pb::AdapterState::Draining),
                 None => (retired.info.clone(), pb::AdapterState::Unloaded),
@@ -321,7 +243,7 @@ impl Admin for AdminService {
             };
             adapters.push(s);
         }
-        for failure in self.registry.failures() {
+        for failure in registry.failures() {
             adapters.push(pb::AdapterStatus {
                 task: failure.task,
                 version: failure.version,
@@ -340,12 +262,9 @@ impl Admin for AdminService {
         request: Request<pb::SetDefaultVersionRequest>,
     ) -> Result<Response<pb::SetDefaultVersionResponse>, Status> {
         let r = request.into_inner();
-        let previous = self
-            .registry
-            .set_default(&r.task, &r.version)
-            .map_err(change_status)?;
+        let previous = self.registry().set_default(&r.task, &r.version)?;
         tracing::info!(task = %r.task, version = %r.version, %previous, "default version set");
-        let snapshot = self.registry.snapshot();
+        let snapshot = self.registry().snapshot();
         let adapter = snapshot
             .adapter(&r.task, &r.version)
             .map(|a| status(&a.info(), pb::AdapterState::Ready, true));
@@ -358,16 +277,12 @@ impl Admin for AdminService {
 
 impl AdminService {
     fn is_default(&self, task: &str, version: &str) -> bool {
-        self.registry
+        self.registry()
             .snapshot()
             .tasks()
             .get(task)
             .is_some_and(|t| t.default_version().version() == version)
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Checks `authorization: Bearer <token>` when a token is set.

@@ -2,7 +2,6 @@
 //! do around the engine: readiness, health, admission, request ids, deadlines and
 //! cancellation. One place, so the two APIs cannot drift apart.
 
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
@@ -15,7 +14,6 @@ use tonic_health::server::{HealthReporter, HealthService};
 
 use crate::engine::call::parse_grpc_timeout;
 use crate::engine::{self, CancelOnDrop, ClassifyError, Engine, Outcome};
-use crate::runtime::Runtime;
 
 /// Services reported by grpc.health.v1 on the inference listener ("" is the server).
 pub const HEALTH_SERVICES: [&str; 3] = [
@@ -24,20 +22,11 @@ pub const HEALTH_SERVICES: [&str; 3] = [
     "inference.GRPCInferenceService",
 ];
 
-/// What exists once the models are loaded and warm.
-pub struct Loaded {
-    /// The engine over the loaded models.
-    pub engine: Arc<Engine>,
-    /// The ONNX Runtime environment, for loading adapters at run time.
-    pub runtime: Arc<Runtime>,
-    /// The model repository's folder.
-    pub repository: PathBuf,
-}
-
 /// The inference listener's shared state: not ready until [`Serving::set_ready`], then
 /// serving until [`Serving::start_draining`].
 pub struct Serving {
-    loaded: OnceLock<Loaded>,
+    /// The engine over the models, once they are loaded and warm.
+    engine: OnceLock<Arc<Engine>>,
     draining: AtomicBool,
     health: HealthReporter,
     in_flight: Arc<Semaphore>,
@@ -62,7 +51,7 @@ impl Serving {
                 .await;
         }
         let serving = Serving {
-            loaded: OnceLock::new(),
+            engine: OnceLock::new(),
             draining: AtomicBool::new(false),
             health,
             in_flight: Arc::new(Semaphore::new(max_in_flight.max(1))),
@@ -73,8 +62,8 @@ impl Serving {
     }
 
     /// The models are loaded and warm: health turns SERVING and calls are taken.
-    pub async fn set_ready(&self, loaded: Loaded) {
-        if self.loaded.set(loaded).is_err() {
+    pub async fn set_ready(&self, engine: Arc<Engine>) {
+        if self.engine.set(engine).is_err() {
             return;
         }
         crate::metrics::ready(true);
@@ -98,19 +87,14 @@ impl Serving {
 
     /// Whether inference calls are taken: loaded and not draining.
     pub fn ready(&self) -> bool {
-        self.loaded.get().is_some() && !self.draining.load(Ordering::Relaxed)
-    }
-
-    /// The loaded models, or UNAVAILABLE while they are still loading.
-    pub fn loaded(&self) -> Result<&Loaded, Status> {
-        self.loaded.get().ok_or_else(|| {
-            Status::unavailable("models are still loading; retry when health reports SERVING")
-        })
+        self.engine.get().is_some() && !self.draining.load(Ordering::Relaxed)
     }
 
     /// The engine, or UNAVAILABLE while the models are still loading.
     pub fn engine(&self) -> Result<&Arc<Engine>, Status> {
-        self.loaded().map(|l| &l.engine)
+        self.engine.get().ok_or_else(|| {
+            Status::unavailable("models are still loading; retry when health reports SERVING")
+        })
     }
 
     /// Admission for `images` classifications at once, or RESOURCE_EXHAUSTED at once.

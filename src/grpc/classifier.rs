@@ -8,12 +8,12 @@ use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
 use super::calls::{self, Serving};
+use crate::decode::DicomPolicy;
 use crate::engine::{self, ClassifyError, Outcome, Payload};
 use crate::metrics;
 use crate::proto::v1 as pb;
 use crate::proto::v1::classifier_server::Classifier;
-use crate::repository::manifest::DicomPolicy;
-use crate::structured_report::{self, ReportError};
+use crate::structured_report;
 
 /// The Classifier service.
 pub struct ClassifierService {
@@ -114,26 +114,29 @@ impl Classifier for ClassifierService {
                 Some(pb::classify_request::Input::Image(b)) => Payload::Image(b),
                 None => return Err(ClassifyError::NoInput.into()),
             };
+            let pixel_policy = match request.pixel_policy {
+                Some(p) => Some(
+                    DicomPolicy::parse(
+                        &p.voi,
+                        p.window_center,
+                        p.window_width,
+                        Some(p.voi_function.as_str()).filter(|f| !f.is_empty()),
+                    )
+                    .map_err(|e| ClassifyError::PixelPolicy(format!("pixel_policy: {e}")))?,
+                ),
+                None => None,
+            };
             let engine_request = engine::Request {
                 payload,
                 tasks: request.tasks,
                 frame: request.frame,
-                pixel_policy: request.pixel_policy.map(|p| DicomPolicy {
-                    voi: p.voi,
-                    window_center: p.window_center,
-                    window_width: p.window_width,
-                    voi_function: (!p.voi_function.is_empty()).then_some(p.voi_function),
-                    allow_request_override: false,
-                }),
+                pixel_policy,
             };
             let outcome = calls::classify(engine, engine_request, deadline, slot).await?;
             let report = match source {
                 Some(source) => Some(
                     structured_report::build(&source, &outcome.results, structured_report::now())
-                        .map_err(|e| match e {
-                            ReportError::MissingSource(_) => Status::invalid_argument(e.to_string()),
-                            ReportError::Write(_) => Status::internal(e.to_string()),
-                        })?,
+                        .map_err(Status::from)?,
                 ),
                 None => None,
             };

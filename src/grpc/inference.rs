@@ -5,8 +5,7 @@
 //! BYTES tensor "image" of N files (DICOM Part 10, PNG, JPEG or TIFF) and answers
 //! "probabilities" (FP32 [N, C]) and "label" (BYTES [N]); the N images run as N
 //! classifications at once, so they share backbone batches like N separate calls. The
-//! model repository extension maps to the task adapters of the repository on disk and
-//! is served only with the admin token.
+//! model repository extension lives in [`super::model_repository`].
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -14,14 +13,11 @@ use std::time::Instant;
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
-use super::admin::{check_bearer, load_status};
 use super::calls::{self, Serving};
+use super::model_repository;
 use crate::engine::{self, Outcome, Payload};
-use crate::model::adapter::{Adapter, unix_ms};
 use crate::proto::inference as pb;
 use crate::proto::inference::grpc_inference_service_server::GrpcInferenceService;
-use crate::registry::Failure;
-use crate::repository::adapter_folders;
 
 /// The input tensor's name.
 pub const INPUT: &str = "image";
@@ -29,8 +25,6 @@ pub const INPUT: &str = "image";
 pub const PROBABILITIES: &str = "probabilities";
 /// The label output's name.
 pub const LABEL: &str = "label";
-/// The protocol extension the repository calls belong to.
-const REPOSITORY_EXTENSION: &str = "model_repository";
 
 /// The Open Inference Protocol service.
 pub struct InferenceService {
@@ -41,29 +35,6 @@ impl InferenceService {
     /// Serves through `serving`'s engine and admission.
     pub fn new(serving: Arc<Serving>) -> Self {
         InferenceService { serving }
-    }
-
-    /// The repository extension's gate: off without an admin token, and then only for
-    /// calls that carry it.
-    fn authorize<T>(&self, request: &Request<T>) -> Result<(), Status> {
-        match &self.serving.admin_token {
-            Some(token) => check_bearer(request.metadata(), token),
-            None => Err(Status::unimplemented(
-                "the model repository extension is served only when the admin API has a \
-                 token (admin_listen with admin_token_file)",
-            )),
-        }
-    }
-}
-
-/// A file's kind from its first bytes: DICOM Part 10 ("DICM" after the 128-byte
-/// preamble, or at the start when the preamble is left out), otherwise an image file.
-fn payload(bytes: Vec<u8>) -> Payload {
-    let dicm = |at: usize| bytes.get(at..at + 4) == Some(b"DICM");
-    if dicm(128) || dicm(0) {
-        Payload::Dicom(bytes)
-    } else {
-        Payload::Image(bytes)
     }
 }
 
@@ -221,7 +192,7 @@ fn tensor(
 }
 
 /// A model name must be a task name: a version goes in the version field.
-fn task_reference(name: &str, version: &str) -> Result<String, Status> {
+pub(super) fn task_reference(name: &str, version: &str) -> Result<String, Status> {
     if name.is_empty() || name.contains('@') {
         return Err(Status::invalid_argument(format!(
             "model name {name:?}: give a task name, and its adapter version in the version field"
@@ -274,7 +245,7 @@ impl GrpcInferenceService for InferenceService {
         _request: Request<pb::ServerMetadataRequest>,
     ) -> Result<Response<pb::ServerMetadataResponse>, Status> {
         let extensions = if self.serving.admin_token.is_some() {
-            vec![REPOSITORY_EXTENSION.to_string()]
+            vec![model_repository::EXTENSION.to_string()]
         } else {
             Vec::new()
         };
@@ -292,9 +263,7 @@ impl GrpcInferenceService for InferenceService {
         let r = request.into_inner();
         let reference = task_reference(&r.name, &r.version)?;
         let snapshot = self.serving.engine()?.registry().snapshot();
-        let adapter = snapshot
-            .resolve(&reference)
-            .map_err(|e| Status::from(engine::ClassifyError::from(e)))?;
+        let adapter = snapshot.resolve(&reference).map_err(Status::from)?;
         let task = &snapshot.tasks()[adapter.task()];
         Ok(Response::new(pb::ModelMetadataResponse {
             name: r.name,
@@ -338,7 +307,7 @@ impl GrpcInferenceService for InferenceService {
             for (index, (bytes, slot)) in images.into_iter().zip(slots).enumerate() {
                 let engine = engine.clone();
                 let request = engine::Request {
-                    payload: payload(bytes),
+                    payload: Payload::sniff(bytes),
                     tasks: vec![reference.clone()],
                     frame: 0,
                     pixel_policy: None,
@@ -395,151 +364,21 @@ impl GrpcInferenceService for InferenceService {
         &self,
         request: Request<pb::RepositoryIndexRequest>,
     ) -> Result<Response<pb::RepositoryIndexResponse>, Status> {
-        self.authorize(&request)?;
-        let only_ready = request.into_inner().ready;
-        let loaded = self.serving.loaded()?;
-        let registry = loaded.engine.registry();
-        let snapshot = registry.snapshot();
-        let failures = registry.failures();
-        let mut models: Vec<pb::repository_index_response::ModelIndex> = snapshot
-            .adapters()
-            .map(|a| pb::repository_index_response::ModelIndex {
-                name: a.task().to_string(),
-                version: a.version().to_string(),
-                state: "READY".into(),
-                reason: String::new(),
-            })
-            .collect();
-        let repository = loaded.repository.clone();
-        let on_disk = tokio::task::spawn_blocking(move || adapter_folders(&repository))
-            .await
-            .map_err(|e| Status::internal(format!("scanning the repository: {e}")))?;
-        for (dir, manifest) in on_disk {
-            if snapshot
-                .adapter(&manifest.task, &manifest.version)
-                .is_some()
-            {
-                continue;
-            }
-            let reason = if registry.is_evicted(&manifest.task, &manifest.version, &dir) {
-                "evicted under the adapter budget; loaded again when requested".to_string()
-            } else {
-                failures
-                    .iter()
-                    .rev()
-                    .find(|f| f.task == manifest.task && f.version == manifest.version)
-                    .map_or_else(|| "not loaded".to_string(), |f| f.error.clone())
-            };
-            models.push(pb::repository_index_response::ModelIndex {
-                name: manifest.task,
-                version: manifest.version,
-                state: "UNAVAILABLE".into(),
-                reason,
-            });
-        }
-        if only_ready {
-            models.retain(|m| m.state == "READY");
-        }
-        models.sort_by(|a, b| (&a.name, &a.version).cmp(&(&b.name, &b.version)));
-        Ok(Response::new(pb::RepositoryIndexResponse { models }))
+        model_repository::index(&self.serving, request).await
     }
 
     async fn repository_model_load(
         &self,
         request: Request<pb::RepositoryModelLoadRequest>,
     ) -> Result<Response<pb::RepositoryModelLoadResponse>, Status> {
-        self.authorize(&request)?;
-        let task = request.into_inner().model_name;
-        task_reference(&task, "")?;
-        let loaded = self.serving.loaded()?;
-        let (registry, runtime, repository) = (
-            loaded.engine.registry().clone(),
-            loaded.runtime.clone(),
-            loaded.repository.clone(),
-        );
-        let name = task.clone();
-        // every version folder of the task: loaded, or replaced when its bytes changed
-        let outcome = tokio::task::spawn_blocking(move || {
-            let folders: Vec<_> = adapter_folders(&repository)
-                .into_iter()
-                .filter(|(_, m)| m.task == name)
-                .collect();
-            if folders.is_empty() {
-                return Err(Status::not_found(format!(
-                    "no adapter folder of task {name:?} under the repository's tasks/"
-                )));
-            }
-            let mut first_error = None;
-            for (dir, manifest) in folders {
-                let snapshot = registry.snapshot();
-                if snapshot
-                    .adapter(&manifest.task, &manifest.version)
-                    .is_some_and(|a| a.sha256() == manifest.sha256)
-                {
-                    continue;
-                }
-                let backbones = snapshot.backbones().to_vec();
-                match Adapter::load_warm(&dir, &runtime, &backbones) {
-                    Ok(adapter) => {
-                        let inserted = registry
-                            .insert(Arc::new(adapter), false, true, false)
-                            .map_err(|e| Status::failed_precondition(e.to_string()))?;
-                        tracing::info!(
-                            task = inserted.adapter.task(),
-                            version = inserted.adapter.version(),
-                            replaced = inserted.replaced,
-                            "repository: adapter loaded"
-                        );
-                    }
-                    Err(e) => {
-                        tracing::warn!(path = %dir.display(), error = %e, "repository: adapter refused");
-                        registry.record_failure(Failure {
-                            task: manifest.task.clone(),
-                            version: manifest.version.clone(),
-                            path: dir.display().to_string(),
-                            error: e.to_string(),
-                            at_unix_ms: unix_ms(),
-                        });
-                        first_error.get_or_insert(load_status(&e));
-                    }
-                }
-            }
-            first_error.map_or(Ok(()), Err)
-        })
-        .await
-        .map_err(|e| Status::internal(format!("loading task: {e}")))?;
-        outcome.map(|()| Response::new(pb::RepositoryModelLoadResponse {}))
+        model_repository::load(&self.serving, request).await
     }
 
     async fn repository_model_unload(
         &self,
         request: Request<pb::RepositoryModelUnloadRequest>,
     ) -> Result<Response<pb::RepositoryModelUnloadResponse>, Status> {
-        self.authorize(&request)?;
-        let task = request.into_inner().model_name;
-        task_reference(&task, "")?;
-        let registry = self.serving.engine()?.registry();
-        let versions: Vec<String> = registry
-            .snapshot()
-            .tasks()
-            .get(&task)
-            .map(|t| {
-                t.versions()
-                    .iter()
-                    .map(|a| a.version().to_string())
-                    .collect()
-            })
-            .unwrap_or_default();
-        if versions.is_empty() {
-            return Err(Status::not_found(format!("task {task:?} is not loaded")));
-        }
-        for version in versions {
-            // a version unloaded meanwhile by another call is fine: it is gone either way
-            if registry.remove(&task, &version).is_ok() {
-                tracing::info!(%task, %version, "repository: adapter unloaded");
-            }
-        }
-        Ok(Response::new(pb::RepositoryModelUnloadResponse {}))
+        model_repository::unload(&self.serving, request).await
     }
 }
 
@@ -566,15 +405,15 @@ mod tests {
     fn dicom_is_told_from_images_by_its_magic() {
         let mut part10 = vec![0u8; 132];
         part10[128..].copy_from_slice(b"DICM");
-        assert!(matches!(payload(part10), Payload::Dicom(_)));
+        assert!(matches!(Payload::sniff(part10), Payload::Dicom(_)));
         assert!(matches!(
-            payload(b"DICM\x02\x00".to_vec()),
+            Payload::sniff(b"DICM\x02\x00".to_vec()),
             Payload::Dicom(_)
         ));
         assert!(matches!(
-            payload(b"\x89PNG\r\n\x1a\n".to_vec()),
+            Payload::sniff(b"\x89PNG\r\n\x1a\n".to_vec()),
             Payload::Image(_)
         ));
-        assert!(matches!(payload(Vec::new()), Payload::Image(_)));
+        assert!(matches!(Payload::sniff(Vec::new()), Payload::Image(_)));
     }
 }

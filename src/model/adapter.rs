@@ -11,7 +11,6 @@ use ort::value::TensorRef;
 use super::backbone::{Backbone, Features, KvData};
 use super::{Model, ModelError};
 use crate::preprocess::Normalization;
-use crate::registry::Reloader;
 use crate::repository::manifest::AdapterManifest;
 use crate::runtime::{Memory, Runtime};
 
@@ -81,7 +80,8 @@ pub fn unix_ms() -> i64 {
 
 impl Adapter {
     /// Loads `dir`, checks it against `backbones` (picking the one it names) and its
-    /// graph against its manifest.
+    /// graph against its manifest. Not warm yet: [`crate::lifecycle`] warms it
+    /// ([`Adapter::warm`]) before it serves.
     pub fn load(
         dir: &Path,
         runtime: &Runtime,
@@ -149,34 +149,13 @@ impl Adapter {
         })
     }
 
-    /// Loads `dir` as [`Adapter::load`] does and warms it with one run: what every load
-    /// after start-up (admin API, repository watch, reload after eviction) does.
-    pub fn load_warm(
-        dir: &Path,
-        runtime: &Runtime,
-        backbones: &[Arc<Backbone>],
-    ) -> Result<Self, ModelError> {
-        let adapter = Self::load(dir, runtime, backbones)?;
-        let features = adapter.backbone().warm_features()?;
-        adapter.warm(&features)
-    }
-
-    /// What the adapter budget reloads evicted adapters with: [`Adapter::load_warm`]
-    /// against `backbones` (the backbones do not change at run time).
-    pub fn reloader(runtime: Arc<Runtime>, backbones: Vec<Arc<Backbone>>) -> Reloader {
-        Box::new(move |dir| {
-            Self::load_warm(dir, &runtime, &backbones)
-                .map(Arc::new)
-                .map_err(|e| e.to_string())
-        })
-    }
-
     /// Runs it once on `features` (from a backbone warm-up), so that the first request
     /// does not pay ONNX Runtime's first-run set-up; adds the time to its load time.
     pub fn warm(mut self, features: &Features) -> Result<Self, ModelError> {
         let started = Instant::now();
         let [h, w] = self.manifest.preprocessing.side_size.map(|v| v as usize);
-        self.run(&vec![0.0; 3 * h * w], features)?;
+        self.infer(&[(&vec![0.0; 3 * h * w], features)])?;
+        self.model.set_warm();
         self.load_ms += started.elapsed().as_secs_f64() * 1e3;
         Ok(self)
     }
@@ -259,16 +238,15 @@ impl Adapter {
         }
     }
 
-    /// Runs the side network on one image: `side_pixels` is `[1, 3, h, w]` for its side
-    /// size. Returns the logits.
-    pub fn run(&self, side_pixels: &[f32], features: &Features) -> Result<Vec<f32>, ModelError> {
-        let mut logits = self.run_batch(&[(side_pixels, features)])?;
-        Ok(logits.pop().expect("one image in, one out"))
+    /// Runs the side network once for requests on several images (their side pixels,
+    /// `[3, h, w]` each for its side size, and K/V stacked into one batch); returns each
+    /// image's logits, in order.
+    pub fn run_batch(&self, images: &[(&[f32], &Features)]) -> Result<Vec<Vec<f32>>, ModelError> {
+        self.model.request_run("adapter");
+        self.infer(images)
     }
 
-    /// Runs the side network once on several images (their side pixels and K/V stacked
-    /// into one batch); returns each image's logits, in order.
-    pub fn run_batch(&self, images: &[(&[f32], &Features)]) -> Result<Vec<Vec<f32>>, ModelError> {
+    fn infer(&self, images: &[(&[f32], &Features)]) -> Result<Vec<Vec<f32>>, ModelError> {
         let n = images.len();
         let [h, w] = self.manifest.preprocessing.side_size.map(|v| v as usize);
         let Some((_, first)) = images.first() else {

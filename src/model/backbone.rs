@@ -152,10 +152,11 @@ impl Backbone {
         }
         let [h, w] = self.input_size;
         let features: Arc<Features> = self
-            .run_batch(vec![0.0; 3 * h * w], 1)?
+            .infer(vec![0.0; 3 * h * w], 1)?
             .pop()
             .expect("one image in, one out")
             .into();
+        self.model.set_warm();
         *slot = Some(features.clone());
         Ok(features)
     }
@@ -188,6 +189,11 @@ impl Backbone {
     /// Runs `images` images at once, `pixels` being their `[images, 3, height, width]`
     /// normalised tensor; returns each image's features, in order.
     pub fn run_batch(&self, pixels: Vec<f32>, images: usize) -> Result<Vec<Features>, ModelError> {
+        self.model.request_run("backbone");
+        self.infer(pixels, images)
+    }
+
+    fn infer(&self, pixels: Vec<f32>, images: usize) -> Result<Vec<Features>, ModelError> {
         let [h, w] = self.input_size;
         let input = Tensor::from_array(([images, 3, h, w], pixels))
             .map_err(|e| self.model.inference_error(e))?;

@@ -6,6 +6,7 @@ pub mod adapter;
 pub mod backbone;
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
 use ort::session::Session;
@@ -65,6 +66,16 @@ pub enum ModelError {
         path: PathBuf,
         /// Every mismatch, naming the field.
         problems: Vec<String>,
+    },
+    /// An adapter folder inside the repository's tasks/ is not `tasks/<task>/<version>`.
+    #[error("{path}: manifest says {task}@{version}, which differs from the folder path")]
+    Misplaced {
+        /// The adapter folder.
+        path: PathBuf,
+        /// Task of the manifest.
+        task: String,
+        /// Version of the manifest.
+        version: String,
     },
     /// A run failed.
     #[error("inference failed in {model}: {message}")]
@@ -169,6 +180,8 @@ fn check_interface(
 pub(crate) struct Model {
     session: Mutex<Session>,
     path: PathBuf,
+    /// It has run once: ONNX Runtime's first-run set-up is paid.
+    warm: AtomicBool,
 }
 
 impl Model {
@@ -196,6 +209,7 @@ impl Model {
         Ok(Model {
             session: Mutex::new(session),
             path,
+            warm: AtomicBool::new(false),
         })
     }
 
@@ -203,6 +217,19 @@ impl Model {
         // A panic inside a run leaves the session itself intact (ONNX Runtime owns
         // its state), so a poisoned lock is still safe to use.
         self.session.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Marks the model warm: a warm-up run succeeded.
+    pub(crate) fn set_warm(&self) {
+        self.warm.store(true, Ordering::Relaxed);
+    }
+
+    /// Called before a request's run of a model of `kind`: a model nothing warmed pays
+    /// ONNX Runtime's first-run set-up in this request, which is counted.
+    pub(crate) fn request_run(&self, kind: &'static str) {
+        if !self.warm.swap(true, Ordering::Relaxed) {
+            crate::metrics::cold_run(kind);
+        }
     }
 
     pub(crate) fn inference_error(&self, e: impl std::fmt::Display) -> ModelError {

@@ -7,6 +7,8 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
+use crate::decode::DicomPolicy;
+
 /// `format` value of a backbone manifest.
 pub const BACKBONE_FORMAT: &str = "fptserve.backbone/v1";
 /// `format` value of an adapter manifest.
@@ -143,79 +145,18 @@ pub struct Preprocessing {
     pub channels: String,
     /// DICOM pixel policy.
     #[serde(default)]
-    pub dicom: DicomPolicy,
+    pub dicom: DicomPreprocessing,
 }
 
-/// How DICOM stored values become display pixels (see `decode::voi` for the pipeline).
-#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
-pub struct DicomPolicy {
-    /// `auto` (the file's VOI LUT or window, else as is for 8-bit data, else min-max),
-    /// `window` (the window below) or `minmax`.
-    pub voi: String,
-    /// Window centre for `voi: window`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub window_center: Option<f64>,
-    /// Window width for `voi: window`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub window_width: Option<f64>,
-    /// VOI LUT function for `voi: window`: linear (default), linear_exact or sigmoid.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub voi_function: Option<String>,
-    /// Whether a request may replace this policy with its own.
+/// A task's DICOM preprocessing: its pixel policy, spelled out in the same object.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+pub struct DicomPreprocessing {
+    /// How stored values become display pixels (`voi`, `window_center`, ...).
+    #[serde(flatten)]
+    pub policy: DicomPolicy,
+    /// Whether a request may replace the policy with its own.
     #[serde(default)]
     pub allow_request_override: bool,
-}
-
-impl Default for DicomPolicy {
-    fn default() -> Self {
-        DicomPolicy {
-            voi: "auto".into(),
-            window_center: None,
-            window_width: None,
-            voi_function: None,
-            allow_request_override: false,
-        }
-    }
-}
-
-impl DicomPolicy {
-    /// Checks the policy is one the daemon implements, with what it needs.
-    pub fn validate(&self) -> Result<(), String> {
-        match self.voi.as_str() {
-            "auto" | "minmax" => Ok(()),
-            "window" => self.window().map(|_| ()).map_err(|e| e.to_string()),
-            other => Err(format!(
-                "dicom.voi {other:?} is not supported (auto, window or minmax)"
-            )),
-        }
-    }
-
-    /// The explicit window of a `window` policy.
-    pub fn window(&self) -> Result<crate::decode::voi::Window, crate::decode::DecodeError> {
-        use crate::decode::voi::{VoiFunction, Window};
-        let function = match &self.voi_function {
-            None => VoiFunction::Linear,
-            Some(f) => VoiFunction::parse(f).ok_or_else(|| {
-                crate::decode::DecodeError::Invalid(format!(
-                    "VOI function {f:?}: use linear, linear_exact or sigmoid"
-                ))
-            })?,
-        };
-        match (self.window_center, self.window_width) {
-            (Some(center), Some(width))
-                if center.is_finite() && width.is_finite() && width > 0.0 =>
-            {
-                Ok(Window {
-                    center,
-                    width,
-                    function,
-                })
-            }
-            _ => Err(crate::decode::DecodeError::Invalid(
-                "a window pixel policy needs a finite window_center and a window_width > 0".into(),
-            )),
-        }
-    }
 }
 
 /// `tasks/<task>/<version>/manifest.json`.
@@ -462,9 +403,6 @@ impl AdapterManifest {
                 "preprocessing.channels {:?} is not supported (only rgb)",
                 pre.channels
             ));
-        }
-        if let Err(e) = pre.dicom.validate() {
-            p.push(format!("preprocessing.{e}"));
         }
         if pre.std.iter().any(|s| !s.is_finite() || *s <= 0.0)
             || pre.mean.iter().any(|m| !m.is_finite())

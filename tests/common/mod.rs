@@ -6,19 +6,18 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use fptserve::config::{AdminConfig, ModelConfig, ServeConfig};
+use fptserve::daemon::{self, Listeners, Ready};
 use fptserve::decode::Limits;
 use fptserve::engine::{Engine, EngineSettings};
-use fptserve::grpc::admin::{AdminService, AllowedRoots, BearerToken};
-use fptserve::grpc::calls::Loaded;
-use fptserve::model::adapter::Adapter;
+use fptserve::lifecycle::{Lifecycle, Started};
 use fptserve::proto::v1::ClassifyRequest;
 use fptserve::proto::v1::admin_client::AdminClient;
 use fptserve::proto::v1::classifier_client::ClassifierClient;
 use fptserve::proto::v1::classify_request::Input;
-use fptserve::registry::{Budget, Registry};
-use fptserve::repository::{self, LoadFailure};
+use fptserve::repository::LoadFailure;
 use fptserve::runtime::{Device, Runtime, Threads};
-use fptserve::server::{self, GrpcSettings};
+use fptserve::server::GrpcSettings;
 use serde::Deserialize;
 use tokio::sync::oneshot;
 use tonic::transport::Channel;
@@ -47,6 +46,13 @@ pub fn fixture(relative: &str) -> Vec<u8> {
 /// as FPTSERVE_INTRA_OP_THREADS says (the daemon's variable; 0 = one per core), so the suite can
 /// be run with another thread count to show that no answer depends on it.
 pub fn runtime() -> Arc<Runtime> {
+    Arc::new(
+        Runtime::new(None, Device::Cpu, runtime_threads())
+            .expect("ONNX Runtime (run tools/fetch-onnxruntime.sh)"),
+    )
+}
+
+fn runtime_threads() -> Threads {
     let intra_op = std::env::var("FPTSERVE_INTRA_OP_THREADS")
         .ok()
         .filter(|v| !v.is_empty())
@@ -54,17 +60,16 @@ pub fn runtime() -> Arc<Runtime> {
             v.parse()
                 .unwrap_or_else(|e| panic!("FPTSERVE_INTRA_OP_THREADS={v}: {e}"))
         });
-    Arc::new(
-        Runtime::new(
-            None,
-            Device::Cpu,
-            Threads {
-                intra_op,
-                inter_op: 1,
-            },
-        )
-        .expect("ONNX Runtime (run tools/fetch-onnxruntime.sh)"),
-    )
+    Threads {
+        intra_op,
+        inter_op: 1,
+    }
+}
+
+/// Loads `repository` as start-up does (backbones, then every adapter through the
+/// lifecycle), without a server.
+pub fn load(repository: &Path) -> Started {
+    Lifecycle::start(repository, runtime(), None).expect("repository loads")
 }
 
 /// How `TestServer::start_admin` sets up the admin side.
@@ -78,7 +83,7 @@ pub struct AdminOptions<'a> {
     pub watch: Option<std::time::Duration>,
 }
 
-/// A running server; stops when dropped.
+/// A running daemon (the binary's own wiring, `fptserve::daemon`); stops when dropped.
 pub struct TestServer {
     /// Where it listens.
     pub addr: SocketAddr,
@@ -99,7 +104,61 @@ impl Drop for TestServer {
     }
 }
 
+/// The daemon's settings for tests: `repository` on the CPU (threads as [`runtime`]
+/// says), no metrics listener, no admin API unless asked for.
+pub fn config(repository: &Path) -> ServeConfig {
+    let threads = runtime_threads();
+    ServeConfig {
+        models: ModelConfig {
+            repository: repository.to_path_buf(),
+            device: Device::Cpu,
+            onnxruntime_lib: None,
+            threads,
+        },
+        grpc_listen: "127.0.0.1:0".parse().unwrap(),
+        metrics_listen: None,
+        grpc: GrpcSettings::default(),
+        limits: Limits::default(),
+        admin: None,
+        tls: None,
+        trust: None,
+        max_adapters: None,
+        watch_interval: None,
+        engine: EngineSettings::default().into(),
+    }
+}
+
 impl TestServer {
+    /// Starts the daemon with `config` on ephemeral ports; returns once it is SERVING.
+    pub async fn start_config(config: ServeConfig) -> Self {
+        let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = grpc.local_addr().unwrap();
+        let admin = match &config.admin {
+            Some(_) => Some(tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap()),
+            None => None,
+        };
+        let admin_addr = admin.as_ref().map(|l| l.local_addr().unwrap());
+        let (tx, rx) = oneshot::channel::<()>();
+        let (ready_tx, ready_rx) = oneshot::channel();
+        let listeners = Listeners { grpc, admin };
+        tokio::spawn(async move {
+            let shutdown = async {
+                let _ = rx.await;
+            };
+            daemon::run(config, listeners, shutdown, Some(ready_tx))
+                .await
+                .expect("daemon runs");
+        });
+        let Ready { engine, failures } = ready_rx.await.expect("the daemon starts serving");
+        TestServer {
+            addr,
+            failures,
+            admin_addr,
+            engine,
+            shutdown: Some(tx),
+        }
+    }
+
     /// Starts the server over `repository` with the given settings.
     pub async fn start_with(repository: &Path, settings: GrpcSettings, limits: Limits) -> Self {
         Self::start_engine(repository, settings, limits, EngineSettings::default()).await
@@ -123,35 +182,13 @@ impl TestServer {
         limits: Limits,
         engine_settings: EngineSettings,
     ) -> Self {
-        let runtime = runtime();
-        let loaded = repository::load(repository, &runtime).expect("repository loads");
-        let engine = Arc::new(Engine::new(
-            Arc::new(Registry::new(loaded.snapshot)),
+        Self::start_config(ServeConfig {
+            grpc: settings,
             limits,
-            engine_settings,
-        ));
-        let served = Loaded {
-            engine: engine.clone(),
-            runtime,
-            repository: repository.to_path_buf(),
-        };
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (tx, rx) = oneshot::channel::<()>();
-        tokio::spawn(async move {
-            server::run(served, None, settings, listener, async {
-                let _ = rx.await;
-            })
-            .await
-            .expect("server runs");
-        });
-        TestServer {
-            addr,
-            failures: loaded.failures,
-            admin_addr: None,
-            engine,
-            shutdown: Some(tx),
-        }
+            engine: engine_settings.into(),
+            ..config(repository)
+        })
+        .await
     }
 
     /// Starts the server and the admin API over `repository`; the admin API requires
@@ -169,72 +206,17 @@ impl TestServer {
 
     /// Starts the server and the admin API with `options`.
     pub async fn start_admin(repository: &Path, options: AdminOptions<'_>) -> Self {
-        let token = options.token;
-        let runtime = runtime();
-        let loaded = repository::load(repository, &runtime).expect("repository loads");
-        let registry = Arc::new(match options.max_adapters {
-            None => Registry::new(loaded.snapshot),
-            Some(max_adapters) => {
-                let reload =
-                    Adapter::reloader(runtime.clone(), loaded.snapshot.backbones().to_vec());
-                Registry::with_budget(
-                    loaded.snapshot,
-                    Budget {
-                        max_adapters,
-                        reload,
-                    },
-                )
-            }
-        });
-        if let Some(interval) = options.watch {
-            tokio::spawn(fptserve::watch::run(
-                repository.to_path_buf(),
-                registry.clone(),
-                runtime.clone(),
-                interval,
-            ));
-        }
-        let engine = Arc::new(Engine::new(
-            registry.clone(),
-            Limits::default(),
-            EngineSettings::default(),
-        ));
-        let served = Loaded {
-            engine: engine.clone(),
-            runtime: runtime.clone(),
-            repository: repository.to_path_buf(),
-        };
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let admin_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let admin_addr = admin_listener.local_addr().unwrap();
-        let roots = AllowedRoots::new(repository, &[]).expect("repository resolves");
-        let service = AdminService::new(registry, runtime, roots);
-        let (tx, rx) = oneshot::channel::<()>();
-        let (admin_tx, admin_rx) = oneshot::channel::<()>();
-        tokio::spawn(async move {
-            server::run(served, None, GrpcSettings::default(), listener, async {
-                let _ = rx.await;
-                let _ = admin_tx.send(());
-            })
-            .await
-            .expect("server runs");
-        });
-        let token = BearerToken(token.map(Arc::from));
-        tokio::spawn(async move {
-            server::run_admin(service, token, 64 << 20, None, admin_listener, async {
-                let _ = admin_rx.await;
-            })
-            .await
-            .expect("admin API runs");
-        });
-        TestServer {
-            addr,
-            failures: loaded.failures,
-            admin_addr: Some(admin_addr),
-            engine,
-            shutdown: Some(tx),
-        }
+        Self::start_config(ServeConfig {
+            admin: Some(AdminConfig {
+                listen: "127.0.0.1:0".parse().unwrap(),
+                token: options.token.map(str::to_string),
+                allow_roots: Vec::new(),
+            }),
+            max_adapters: options.max_adapters,
+            watch_interval: options.watch,
+            ..config(repository)
+        })
+        .await
     }
 
     /// A connected admin client (the server must have been started with the admin API).

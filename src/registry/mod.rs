@@ -8,177 +8,17 @@
 //! admin side takes; an unloaded or replaced version is remembered (weakly) so operators
 //! can see it drain.
 
-use std::cmp::Ordering;
+mod snapshot;
+
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, Weak};
 
 use arc_swap::ArcSwap;
 
+pub use self::snapshot::{ResolveError, Snapshot, Task, compare_versions};
 use crate::model::adapter::{Adapter, AdapterInfo};
 use crate::model::backbone::Backbone;
-
-/// Why a task reference in a request does not resolve.
-#[derive(Debug, thiserror::Error)]
-pub enum ResolveError {
-    /// No task of that name is loaded.
-    #[error("unknown task {0:?}")]
-    UnknownTask(String),
-    /// The task exists but not that version.
-    #[error("task {task:?} has no version {version:?} (loaded: {})", available.join(", "))]
-    UnknownVersion {
-        /// Task name.
-        task: String,
-        /// Requested version.
-        version: String,
-        /// Loaded versions.
-        available: Vec<String>,
-    },
-    /// The reference is empty or malformed.
-    #[error("invalid task reference {0:?}: use \"name\" or \"name@version\"")]
-    Malformed(String),
-}
-
-/// All loaded versions of one task.
-pub struct Task {
-    /// Oldest first.
-    versions: Vec<Arc<Adapter>>,
-    default: usize,
-}
-
-impl Task {
-    /// Loaded versions, oldest first.
-    pub fn versions(&self) -> &[Arc<Adapter>] {
-        &self.versions
-    }
-
-    /// The version an unpinned request gets.
-    pub fn default_version(&self) -> &Arc<Adapter> {
-        &self.versions[self.default]
-    }
-}
-
-/// Orders versions so that "2" < "10" and "1.2" < "1.10": dot-separated parts compare
-/// numerically when both are numbers, as text otherwise.
-pub fn compare_versions(a: &str, b: &str) -> Ordering {
-    let mut left = a.split('.');
-    let mut right = b.split('.');
-    loop {
-        match (left.next(), right.next()) {
-            (None, None) => return Ordering::Equal,
-            (None, Some(_)) => return Ordering::Less,
-            (Some(_), None) => return Ordering::Greater,
-            (Some(x), Some(y)) => {
-                let ord = match (x.parse::<u64>(), y.parse::<u64>()) {
-                    (Ok(m), Ok(n)) => m.cmp(&n),
-                    _ => x.cmp(y),
-                };
-                if ord != Ordering::Equal {
-                    return ord;
-                }
-            }
-        }
-    }
-}
-
-/// One consistent set of backbones and task adapters.
-#[derive(Default)]
-pub struct Snapshot {
-    backbones: Vec<Arc<Backbone>>,
-    tasks: BTreeMap<String, Task>,
-}
-
-impl Snapshot {
-    /// Builds a snapshot; each task's default is its newest version.
-    pub fn new(backbones: Vec<Arc<Backbone>>, adapters: Vec<Arc<Adapter>>) -> Self {
-        Self::with_defaults(backbones, adapters, &BTreeMap::new())
-    }
-
-    /// Builds a snapshot; a task's default is the version `defaults` names when it is
-    /// loaded, else its newest version.
-    pub fn with_defaults(
-        backbones: Vec<Arc<Backbone>>,
-        adapters: Vec<Arc<Adapter>>,
-        defaults: &BTreeMap<String, String>,
-    ) -> Self {
-        let mut grouped: BTreeMap<String, Vec<Arc<Adapter>>> = BTreeMap::new();
-        for adapter in adapters {
-            grouped
-                .entry(adapter.task().to_string())
-                .or_default()
-                .push(adapter);
-        }
-        let tasks = grouped
-            .into_iter()
-            .map(|(name, mut versions)| {
-                versions.sort_by(|a, b| compare_versions(a.version(), b.version()));
-                let default = defaults
-                    .get(&name)
-                    .and_then(|v| versions.iter().position(|a| a.version() == v))
-                    .unwrap_or(versions.len() - 1);
-                (name, Task { versions, default })
-            })
-            .collect();
-        Snapshot { backbones, tasks }
-    }
-
-    /// Loaded backbones.
-    pub fn backbones(&self) -> &[Arc<Backbone>] {
-        &self.backbones
-    }
-
-    /// Loaded tasks by name.
-    pub fn tasks(&self) -> &BTreeMap<String, Task> {
-        &self.tasks
-    }
-
-    /// Every loaded adapter.
-    pub fn adapters(&self) -> impl Iterator<Item = &Arc<Adapter>> {
-        self.tasks.values().flat_map(|t| t.versions.iter())
-    }
-
-    /// The loaded `task@version`, if any.
-    pub fn adapter(&self, task: &str, version: &str) -> Option<&Arc<Adapter>> {
-        self.tasks
-            .get(task)?
-            .versions
-            .iter()
-            .find(|a| a.version() == version)
-    }
-
-    /// Resolves `name` (default version) or `name@version`.
-    pub fn resolve(&self, reference: &str) -> Result<Arc<Adapter>, ResolveError> {
-        let (name, version) = match reference.split_once('@') {
-            Some((n, v)) if !n.is_empty() && !v.is_empty() => (n, Some(v)),
-            Some(_) => return Err(ResolveError::Malformed(reference.to_string())),
-            None if reference.is_empty() => {
-                return Err(ResolveError::Malformed(reference.to_string()));
-            }
-            None => (reference, None),
-        };
-        let task = self
-            .tasks
-            .get(name)
-            .ok_or_else(|| ResolveError::UnknownTask(name.to_string()))?;
-        match version {
-            None => Ok(task.default_version().clone()),
-            Some(v) => task
-                .versions
-                .iter()
-                .find(|a| a.version() == v)
-                .cloned()
-                .ok_or_else(|| ResolveError::UnknownVersion {
-                    task: name.to_string(),
-                    version: v.to_string(),
-                    available: task
-                        .versions
-                        .iter()
-                        .map(|a| a.version().to_string())
-                        .collect(),
-                }),
-        }
-    }
-}
 
 /// Why a change to the loaded set was refused. Nothing changed.
 #[derive(Debug, thiserror::Error)]
@@ -233,7 +73,7 @@ pub struct Retired {
 /// A load that failed, as operators see it in ListAdapters.
 #[derive(Clone, Debug)]
 pub struct Failure {
-    /// Task and version, when the manifest said.
+    /// Task and version, when the manifest (or the folder path) said.
     pub task: String,
     /// Version.
     pub version: String,
@@ -274,49 +114,37 @@ pub struct Inserted {
     pub replaced: bool,
 }
 
-/// Loads an adapter folder again (reload on demand after an eviction).
-pub type Reloader = Box<dyn Fn(&std::path::Path) -> Result<Arc<Adapter>, String> + Send + Sync>;
+/// How an adapter joins the serving set.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Publish {
+    /// Requests naming only the task get this version from now on.
+    pub make_default: bool,
+    /// The same task version loaded with other bytes is replaced (else refused).
+    pub replace: bool,
+    /// Never evicted under the adapter budget.
+    pub pin: bool,
+}
 
 /// Holder of the current snapshot.
 pub struct Registry {
     current: ArcSwap<Snapshot>,
     changes: Mutex<Changes>,
-    budget: Option<Budget>,
-}
-
-/// An optional limit on loaded adapters, and how to bring an evicted one back.
-pub struct Budget {
-    /// Most adapters loaded at once.
-    pub max_adapters: usize,
-    /// Reloads an evicted adapter's folder.
-    pub reload: Reloader,
+    /// Most adapters loaded at once (the adapter budget), if limited.
+    max_adapters: Option<usize>,
 }
 
 impl Registry {
-    /// Starts with `snapshot`.
-    pub fn new(snapshot: Snapshot) -> Self {
+    /// Starts with `backbones` and no adapter. Under `max_adapters`, the least recently
+    /// used adapters that are neither pinned nor in use are evicted past it (and loaded
+    /// again when requested, see [`Registry::evicted_folder`]).
+    pub fn new(backbones: Vec<Arc<Backbone>>, max_adapters: Option<usize>) -> Self {
+        let snapshot = Snapshot::new(backbones, Vec::new());
         Self::export(&Changes::default(), &snapshot);
         Registry {
             current: ArcSwap::from_pointee(snapshot),
             changes: Mutex::default(),
-            budget: None,
+            max_adapters,
         }
-    }
-
-    /// Starts with `snapshot` under `budget`: beyond it, the least recently used adapters
-    /// that are neither pinned nor in use are evicted (and reloaded when requested).
-    pub fn with_budget(snapshot: Snapshot, budget: Budget) -> Self {
-        let registry = Registry {
-            budget: Some(budget),
-            ..Registry::new(snapshot)
-        };
-        {
-            let mut changes = registry.changes();
-            let adapters = registry.snapshot().adapters().cloned().collect();
-            let adapters = registry.enforce_budget(&mut changes, adapters, None);
-            registry.publish(&changes, adapters);
-        }
-        registry
     }
 
     /// Drops least recently used adapters past the budget. An adapter is in use while a
@@ -328,10 +156,10 @@ impl Registry {
         mut adapters: Vec<Arc<Adapter>>,
         keep: Option<&Arc<Adapter>>,
     ) -> Vec<Arc<Adapter>> {
-        let Some(budget) = &self.budget else {
+        let Some(max_adapters) = self.max_adapters else {
             return adapters;
         };
-        while adapters.len() > budget.max_adapters {
+        while adapters.len() > max_adapters {
             let candidate = adapters
                 .iter()
                 .enumerate()
@@ -347,7 +175,7 @@ impl Registry {
             let Some(i) = candidate else {
                 tracing::warn!(
                     loaded = adapters.len(),
-                    budget = budget.max_adapters,
+                    budget = max_adapters,
                     "over the adapter budget, but every adapter is pinned or in use"
                 );
                 break;
@@ -366,38 +194,32 @@ impl Registry {
         adapters
     }
 
-    /// Reloads an evicted task version that `reference` names, when there is one.
-    pub fn reload_evicted(&self, reference: &str) -> Option<Result<Arc<Adapter>, String>> {
-        let budget = self.budget.as_ref()?;
+    /// The folder of the evicted task version that `reference` (`task` or `task@version`)
+    /// names, when there is one: what a request for it loads again.
+    pub fn evicted_folder(&self, reference: &str) -> Option<PathBuf> {
+        self.max_adapters?;
         let (task, version) = match reference.split_once('@') {
             Some((t, v)) => (t, Some(v)),
             None => (reference, None),
         };
-        let folder = {
-            let changes = self.changes();
-            let version = match version {
-                Some(v) => v.to_string(),
-                // the explicit default, else the newest evicted version
-                None => changes.defaults.get(task).cloned().or_else(|| {
-                    changes
-                        .evicted
-                        .keys()
-                        .filter(|(t, _)| t == task)
-                        .map(|(_, v)| v.clone())
-                        .max_by(|a, b| compare_versions(a, b))
-                })?,
-            };
-            changes.evicted.get(&(task.to_string(), version))?.clone()
+        let changes = self.changes();
+        let version = match version {
+            Some(v) => v.to_string(),
+            // the explicit default, else the newest evicted version
+            None => changes.defaults.get(task).cloned().or_else(|| {
+                changes
+                    .evicted
+                    .keys()
+                    .filter(|(t, _)| t == task)
+                    .map(|(_, v)| v.clone())
+                    .max_by(|a, b| compare_versions(a, b))
+            })?,
         };
-        Some((budget.reload)(&folder).and_then(|adapter| {
-            self.insert(adapter, false, false, false)
-                .map(|i| i.adapter)
-                .map_err(|e| e.to_string())
-        }))
+        changes.evicted.get(&(task.to_string(), version)).cloned()
     }
 
     /// Whether `task@version` was evicted under the budget from `dir` (and so is known).
-    pub fn is_evicted(&self, task: &str, version: &str, dir: &std::path::Path) -> bool {
+    pub fn is_evicted(&self, task: &str, version: &str, dir: &Path) -> bool {
         self.changes()
             .evicted
             .get(&(task.to_string(), version.to_string()))
@@ -423,7 +245,7 @@ impl Registry {
     }
 
     fn publish(&self, changes: &Changes, adapters: Vec<Arc<Adapter>>) {
-        let backbones = self.current.load().backbones.clone();
+        let backbones = self.current.load().backbones().to_vec();
         let snapshot = Snapshot::with_defaults(backbones, adapters, &changes.defaults);
         Self::export(changes, &snapshot);
         self.current.store(Arc::new(snapshot));
@@ -458,15 +280,15 @@ impl Registry {
         });
     }
 
-    /// Publishes a loaded, warmed adapter. The same task version with the same bytes is
-    /// a no-op; with other bytes it replaces the loaded one only when `replace`.
-    pub fn insert(
-        &self,
-        adapter: Arc<Adapter>,
-        make_default: bool,
-        replace: bool,
-        pin: bool,
-    ) -> Result<Inserted, ChangeError> {
+    /// Publishes a loaded, warmed adapter (through [`crate::lifecycle`], which checks and
+    /// warms it first). The same task version with the same bytes is a no-op; with other
+    /// bytes it replaces the loaded one only when `publish.replace`.
+    pub fn insert(&self, adapter: Arc<Adapter>, publish: Publish) -> Result<Inserted, ChangeError> {
+        let Publish {
+            make_default,
+            replace,
+            pin,
+        } = publish;
         let mut changes = self.changes();
         if pin {
             changes.pinned.insert(key(&adapter));
@@ -553,7 +375,7 @@ impl Registry {
             version: version.into(),
         };
         let previous = current
-            .tasks
+            .tasks()
             .get(task)
             .ok_or_else(not_loaded)?
             .default_version()
@@ -584,17 +406,5 @@ impl Registry {
     /// Failed loads, oldest first (the newest `HISTORY`).
     pub fn failures(&self) -> Vec<Failure> {
         self.changes().failed.iter().cloned().collect()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn versions_order_numerically() {
-        let mut v = vec!["10", "2", "1.10", "1.2", "1"];
-        v.sort_by(|a, b| compare_versions(a, b));
-        assert_eq!(v, ["1", "1.2", "1.10", "2", "10"]);
     }
 }
