@@ -155,8 +155,9 @@ panels.append(ts("Adapter load duration", "Loading one adapter (manifest, SHA-25
                  [(f'histogram_quantile(0.5, sum by (le) (rate(fptserve_adapter_load_duration_seconds_bucket{{{SEL}}}{R})))', "p50"),
                   (f'histogram_quantile(0.99, sum by (le) (rate(fptserve_adapter_load_duration_seconds_bucket{{{SEL}}}{R})))', "p99")],
                  "s", 12, 6))
-panels.append(ts("Model load failures", "Refused loads of a backbone or an adapter (at start, admin API, repository watch, repository extension) in each interval.",
-                 [(f'sum by (kind) (increase(fptserve_model_load_failures_total{{{SEL}}}{R}))', "{{kind}}")],
+panels.append(ts("Model load failures and cold runs", "Refused loads of a backbone or an adapter (at start, admin API, repository watch, repository extension, reload after eviction) in each interval; and requests that ran a model nothing had warmed (should stay 0: every load warms first).",
+                 [(f'sum by (kind) (increase(fptserve_model_load_failures_total{{{SEL}}}{R}))', "refused {{kind}}"),
+                  (f'sum by (kind) (increase(fptserve_model_cold_runs_total{{{SEL}}}{R}))', "cold {{kind}}")],
                  "short", 18, 6))
 y += 8
 

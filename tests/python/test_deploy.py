@@ -132,7 +132,7 @@ def metrics_source():
         "code": GRPC_CODES,
         "state": set(re.findall(r'"(\w+)"', " ".join(re.findall(r"for state in \[([^\]]*)\]", text)))),
         "kind": set(re.findall(r'"(\w+)"', " ".join(re.findall(r"for kind in \[([^\]]*)\]", text)))),
-        "reason": set(re.findall(r'Abandoned::\w+ => "(\w+)"', text)),
+        "reason": set(re.findall(r'"(\w+)"', " ".join(re.findall(r"for reason in \[([^\]]*)\]", text)))),
         "result": {v for pair in re.findall(r'if hit \{ "(\w+)" \} else \{ "(\w+)" \}', text) for v in pair},
     }
     for m in metrics.values():
