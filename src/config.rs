@@ -72,6 +72,15 @@ pub struct ModelArgs {
     /// ONNX Runtime threads across operators [default: 0 = runtime default].
     #[arg(long, env = "FPTSERVE_INTER_OP_THREADS")]
     pub inter_op_threads: Option<usize>,
+    /// A backbone variant (an INT8 quantisation, by folder name) that may serve the adapters
+    /// of the backbone it was made from, when that one is not loaded; repeat for several
+    /// [default: none: adapters run only on the backbone they were trained against].
+    #[arg(
+        long = "allow-backbone-variant",
+        env = "FPTSERVE_ALLOW_BACKBONE_VARIANTS",
+        value_delimiter = ','
+    )]
+    pub allow_backbone_variants: Vec<String>,
 }
 
 /// `fptserve serve`. The config file's keys are these fields' names.
@@ -235,6 +244,8 @@ pub struct ModelConfig {
     pub onnxruntime_lib: Option<PathBuf>,
     /// ONNX Runtime threads.
     pub threads: Threads,
+    /// Backbone variants allowed to stand in for the backbone they were made from.
+    pub allowed_variants: Vec<String>,
 }
 
 /// Validated `serve` settings.
@@ -358,6 +369,7 @@ impl ModelArgs {
                 .parse()
                 .map_err(ConfigError)?,
             onnxruntime_lib: self.onnxruntime_lib,
+            allowed_variants: self.allow_backbone_variants,
             threads: Threads {
                 intra_op: self.intra_op_threads.unwrap_or(0),
                 inter_op: self.inter_op_threads.unwrap_or(0),

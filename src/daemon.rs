@@ -12,7 +12,7 @@ use crate::config::{ModelConfig, ServeConfig};
 use crate::engine::Engine;
 use crate::grpc::admin::{AdminService, AllowedRoots, BearerToken};
 use crate::grpc::calls::Serving;
-use crate::lifecycle::{Lifecycle, Started};
+use crate::lifecycle::{Lifecycle, StartOptions, Started};
 use crate::runtime::Runtime;
 use crate::signing::Trust;
 use crate::{metrics, server};
@@ -76,7 +76,11 @@ pub fn load_models(
     if let Some(max_adapters) = max_adapters {
         tracing::info!(max_adapters, "adapter budget");
     }
-    Ok(Lifecycle::start(&config.repository, runtime, max_adapters)?)
+    let options = StartOptions {
+        max_adapters,
+        allowed_variants: config.allowed_variants.clone(),
+    };
+    Ok(Lifecycle::start(&config.repository, runtime, options)?)
 }
 
 /// Runs the daemon on `listeners` until `shutdown` resolves. The inference listener

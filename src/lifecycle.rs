@@ -74,6 +74,16 @@ pub struct Lifecycle {
     loading: Mutex<BTreeMap<u64, AdapterInfo>>,
 }
 
+/// How start-up loads a repository.
+#[derive(Clone, Debug, Default)]
+pub struct StartOptions {
+    /// Most adapters loaded at once (the adapter budget), if limited.
+    pub max_adapters: Option<usize>,
+    /// Backbone variants (folder names) allowed to serve the adapters of the backbone
+    /// they were made from.
+    pub allowed_variants: Vec<String>,
+}
+
 /// What start-up loaded.
 pub struct Started {
     /// The loaded models and the means to change them.
@@ -84,15 +94,16 @@ pub struct Started {
 
 impl Lifecycle {
     /// Start-up: every backbone under `repository`, then every adapter folder through the
-    /// lifecycle (warm, refusals recorded), under an adapter budget of `max_adapters`.
+    /// lifecycle (warm, refusals recorded), as `options` say.
     pub fn start(
         repository: &Path,
         runtime: Arc<Runtime>,
-        max_adapters: Option<usize>,
+        options: StartOptions,
     ) -> Result<Started, RepositoryError> {
-        let (backbones, mut failures) = load_backbones(repository, &runtime)?;
+        let (backbones, mut failures) =
+            load_backbones(repository, &runtime, &options.allowed_variants)?;
         let lifecycle = Arc::new(Lifecycle {
-            registry: Arc::new(Registry::new(backbones, max_adapters)),
+            registry: Arc::new(Registry::new(backbones, options.max_adapters)),
             runtime,
             repository: repository.to_path_buf(),
             loading: Mutex::default(),
@@ -270,9 +281,11 @@ impl Lifecycle {
 
 /// Loads and warms every backbone under `repository`; one that fails is skipped, logged
 /// and counted. Backbones do not change at run time, so this is start-up's alone.
+/// `allowed_variants` may stand in for the backbone they were made from.
 fn load_backbones(
     repository: &Path,
     runtime: &Runtime,
+    allowed_variants: &[String],
 ) -> Result<(Vec<Arc<Backbone>>, Vec<LoadFailure>), RepositoryError> {
     let mut failures = Vec::new();
     let mut backbones: Vec<Arc<Backbone>> = Vec::new();
@@ -288,12 +301,17 @@ fn load_backbones(
                 b.identity().name
             ),
             Ok(b) => {
+                let m = b.manifest();
+                let allowed = allowed_variants.contains(&m.name);
                 tracing::info!(
-                    backbone = %b.identity().name,
-                    sha256 = %short(&b.identity().sha256),
+                    backbone = %m.name,
+                    sha256 = %short(&m.sha256),
+                    precision = m.precision.as_deref().unwrap_or("float32"),
+                    variant_of = m.quantized_from.as_ref().map(|r| r.name.as_str()),
+                    allowed_as_variant = allowed,
                     "backbone loaded"
                 );
-                backbones.push(Arc::new(b));
+                backbones.push(Arc::new(if allowed { b.allow_as_variant() } else { b }));
                 continue;
             }
             Err(e) => e.to_string(),
@@ -301,6 +319,16 @@ fn load_backbones(
         tracing::error!(path = %dir.display(), %error, "backbone skipped");
         crate::metrics::load_failure("backbone");
         failures.push(LoadFailure { path: dir, error });
+    }
+    for name in allowed_variants {
+        let variant = backbones.iter().find(|b| b.identity().name == *name);
+        if variant.is_none_or(|b| b.manifest().quantized_from.is_none()) {
+            tracing::warn!(
+                backbone = %name,
+                "allowed as a backbone variant, but no loaded backbone of that name was made \
+                 from another (quantized_from): it stands in for none"
+            );
+        }
     }
     Ok((backbones, failures))
 }

@@ -75,7 +75,7 @@ fn broken_adapters_are_skipped_with_their_reason_and_the_rest_serve() {
 #[test]
 fn a_folder_that_is_not_a_repository_is_refused() {
     let dir = tempfile::tempdir().unwrap();
-    let error = Lifecycle::start(dir.path(), common::runtime(), None)
+    let error = Lifecycle::start(dir.path(), common::runtime(), Default::default())
         .err()
         .expect("must fail");
     assert!(

@@ -19,7 +19,12 @@ fn cuda_request_without_cuda_falls_back_to_cpu_and_still_classifies() {
     // The PyPI `onnxruntime` wheel this project fetches is the CPU build.
     assert_eq!(runtime.device(), Device::Cpu);
     assert!(runtime.library().ends_with("libonnxruntime.so.1.32.0"));
-    let loaded = Lifecycle::start(&common::demo_repository(), Arc::new(runtime), None).unwrap();
+    let loaded = Lifecycle::start(
+        &common::demo_repository(),
+        Arc::new(runtime),
+        Default::default(),
+    )
+    .unwrap();
     assert!(loaded.failures.is_empty(), "{:?}", loaded.failures);
     assert_eq!(loaded.lifecycle.registry().snapshot().tasks().len(), 3);
 }

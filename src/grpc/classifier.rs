@@ -185,7 +185,7 @@ impl Classifier for ClassifierService {
                         pb::AdapterInfo {
                             version: m.version.clone(),
                             classes: m.classes.clone(),
-                            backbone: m.backbone.name.clone(),
+                            backbone: a.backbone().identity().name,
                             sha256: m.sha256.clone(),
                             preprocessing: Some(pb::Preprocessing {
                                 backbone_size: p.backbone_size.to_vec(),

@@ -11,7 +11,7 @@ use ort::value::TensorRef;
 use super::backbone::{Backbone, Features, KvData};
 use super::{Model, ModelError};
 use crate::preprocess::Normalization;
-use crate::repository::manifest::AdapterManifest;
+use crate::repository::manifest::{AdapterManifest, short};
 use crate::runtime::{Memory, Runtime};
 
 /// A loaded adapter, bound to the backbone it was trained against.
@@ -55,7 +55,8 @@ pub struct AdapterInfo {
     pub version: String,
     /// SHA-256 of its ONNX file.
     pub sha256: String,
-    /// Backbone name and SHA-256.
+    /// The backbone it runs on (name and SHA-256): the one it was trained against, or an
+    /// allowed variant of it.
     pub backbone: (String, String),
     /// Folder it was loaded from.
     pub path: PathBuf,
@@ -97,20 +98,42 @@ impl Adapter {
                 return Err(crate::signing::SignatureError::Invalid(dir.to_path_buf()).into());
             }
         }
-        let backbone = match backbones.iter().find(|b| b.identity() == manifest.backbone) {
+        // the backbone it was trained against, else a variant of it the operator allowed
+        let chosen = backbones
+            .iter()
+            .find(|b| b.identity() == manifest.backbone)
+            .or_else(|| {
+                backbones
+                    .iter()
+                    .find(|b| b.stands_in_for(&manifest.backbone))
+            });
+        let backbone = match chosen {
             Some(b) => b.clone(),
             None => {
+                let variant = backbones
+                    .iter()
+                    .find(|b| b.manifest().derives_from(&manifest.backbone));
                 // Say what differs against the closest candidate (same name, if any).
                 let closest = backbones
                     .iter()
                     .find(|b| b.identity().name == manifest.backbone.name)
                     .or(backbones.first());
-                let problems = match closest {
-                    Some(b) => manifest
+                let problems = match (variant, closest) {
+                    (Some(v), _) => vec![format!(
+                        "trained on backbone {}@{}, which is not loaded; {} is a {} variant \
+                         of it, used only where allowed: --allow-backbone-variant {} \
+                         (allow_backbone_variants in the config file)",
+                        manifest.backbone.name,
+                        short(&manifest.backbone.sha256),
+                        v.identity().name,
+                        v.manifest().precision.as_deref().unwrap_or("derived"),
+                        v.identity().name,
+                    )],
+                    (None, Some(b)) => manifest
                         .check_against(b.manifest())
                         .err()
                         .unwrap_or_default(),
-                    None => vec!["no backbone is loaded".into()],
+                    (None, None) => vec!["no backbone is loaded".into()],
                 };
                 return Err(ModelError::Incompatible {
                     path: dir.to_path_buf(),
@@ -187,10 +210,10 @@ impl Adapter {
             task: self.task().to_string(),
             version: self.version().to_string(),
             sha256: self.sha256().to_string(),
-            backbone: (
-                self.manifest.backbone.name.clone(),
-                self.manifest.backbone.sha256.clone(),
-            ),
+            backbone: {
+                let runs_on = self.backbone.identity();
+                (runs_on.name, runs_on.sha256)
+            },
             path: self.dir.clone(),
             model_bytes: self.model_bytes,
             load_ms: self.load_ms,

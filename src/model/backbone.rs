@@ -21,6 +21,8 @@ pub struct Backbone {
     input_size: [usize; 2],
     model_bytes: u64,
     warm: Mutex<Option<Arc<Features>>>,
+    /// The operator allowed it to serve the adapters of the backbone it was made from.
+    variant_allowed: bool,
 }
 
 /// K/V values on the host, in the element type the backbone exports.
@@ -140,7 +142,21 @@ impl Backbone {
             input_size,
             model_bytes,
             warm: Mutex::new(None),
+            variant_allowed: false,
         })
+    }
+
+    /// Lets this variant serve the adapters of the backbone it was made from (see
+    /// [`Backbone::stands_in_for`]); nothing changes for a backbone that is no variant.
+    pub fn allow_as_variant(mut self) -> Self {
+        self.variant_allowed = true;
+        self
+    }
+
+    /// Whether it serves adapters trained on `trained_on` although it is another
+    /// backbone: it was made from that one and the operator allowed it.
+    pub fn stands_in_for(&self, trained_on: &BackboneRef) -> bool {
+        self.variant_allowed && self.manifest.quantized_from.as_ref() == Some(trained_on)
     }
 
     /// Features of an all-zero image, computed once: what newly loaded adapters are warmed

@@ -116,6 +116,13 @@ pub struct BackboneManifest {
     pub inputs: Vec<TensorSpec>,
     /// Graph outputs (`key_states`, `value_states`).
     pub outputs: Vec<TensorSpec>,
+    /// Weight precision: `float32` (the default), `float16`, `int8`.
+    #[serde(default)]
+    pub precision: Option<String>,
+    /// For a variant (an INT8 quantisation, say): the backbone it was made from. It may
+    /// serve that backbone's adapters, but only where the operator allows it.
+    #[serde(default)]
+    pub quantized_from: Option<BackboneRef>,
     /// ONNX opset.
     #[serde(default)]
     pub opset: Option<i64>,
@@ -258,6 +265,11 @@ impl BackboneManifest {
         Ok(manifest)
     }
 
+    /// Whether it is the backbone `trained_on` names, or a variant made from it.
+    pub fn derives_from(&self, trained_on: &BackboneRef) -> bool {
+        self.identity() == *trained_on || self.quantized_from.as_ref() == Some(trained_on)
+    }
+
     /// The identity adapters refer to.
     pub fn identity(&self) -> BackboneRef {
         BackboneRef {
@@ -340,7 +352,7 @@ impl AdapterManifest {
     /// tensor shapes. Each mismatch names the field that differs.
     pub fn check_against(&self, backbone: &BackboneManifest) -> Result<(), Vec<String>> {
         let mut p = Vec::new();
-        if self.backbone != backbone.identity() {
+        if !backbone.derives_from(&self.backbone) {
             p.push(format!(
                 "backbone is {}@{}, but the loaded backbone is {}@{}",
                 self.backbone.name,

@@ -69,7 +69,7 @@ fn runtime_threads() -> Threads {
 /// Loads `repository` as start-up does (backbones, then every adapter through the
 /// lifecycle), without a server.
 pub fn load(repository: &Path) -> Started {
-    Lifecycle::start(repository, runtime(), None).expect("repository loads")
+    Lifecycle::start(repository, runtime(), Default::default()).expect("repository loads")
 }
 
 /// How `TestServer::start_admin` sets up the admin side.
@@ -114,6 +114,7 @@ pub fn config(repository: &Path) -> ServeConfig {
             device: Device::Cpu,
             onnxruntime_lib: None,
             threads,
+            allowed_variants: Vec::new(),
         },
         grpc_listen: "127.0.0.1:0".parse().unwrap(),
         metrics_listen: None,
