@@ -87,7 +87,10 @@ pub struct Threads {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Memory {
     /// Its own ONNX Runtime arena, kept at its peak for the session's lifetime: one large
-    /// model run over and over (the backbone).
+    /// model run over and over (the backbone). Without ONNX Runtime's memory pattern: the
+    /// pattern is planned on the first run and allocated as one more block on the second,
+    /// beside the arena chunks the first run left (ViT-B/16 at 512, Python, same options:
+    /// resident 1212 MiB after one run, 1628 MiB after two with the pattern, 1212 without).
     Arena,
     /// The process allocator, given back after every run: many small models (adapters)
     /// then share one pool instead of each holding its own peak (full-size adapters,
@@ -266,7 +269,7 @@ impl Runtime {
         }
         let builder = self.builder()?;
         let mut builder = match memory {
-            Memory::Arena => builder,
+            Memory::Arena => builder.with_memory_pattern(false)?,
             Memory::Shared => builder
                 .with_memory_pattern(false)?
                 .with_execution_providers([ep::CPU::default()
