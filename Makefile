@@ -8,7 +8,7 @@
 CARGO ?= cargo
 ARGS ?=
 
-.PHONY: serve test system-deps runtime python-env demo-models full-models dicom-parity bench bench-quick
+.PHONY: serve test system-deps runtime python-env demo-models full-models dicom-parity bench bench-quick bench-train
 
 serve: system-deps runtime
 	$(CARGO) run --release --locked -- serve $(ARGS)
@@ -46,6 +46,12 @@ bench: system-deps runtime python-env models/full/tasks/dr-grade/1/manifest.json
 bench-quick: system-deps runtime python-env
 	$(CARGO) build --locked
 	.venv/bin/python benches/run.py --quick --binary target/debug/fptserve --out target/bench/BENCHMARKS-quick.md
+
+# Training memory and time (BENCHMARKS.md case 8): FPT+ (`train`, K/V preloaded) against full
+# fine-tuning of the same ViT-B/16 at 512, batch 4 and 8 (16 extrapolated); about 12 minutes and
+# up to 16 GB of memory on 2 cores. Writes the section to target/bench/train-memory.md.
+bench-train: python-env models/full/tasks/dr-grade/1/manifest.json
+	.venv/bin/python benches/train_memory.py --backbone models/full/backbones/vit-b16-512 --out target/bench/train-memory.md
 
 # Decodes every DICOM file pydicom and pydicom-data ship, with fptserve and with pydicom,
 # and writes the comparison to tests/python/DICOM_PARITY.md.

@@ -1,4 +1,4 @@
-"""Command line: python -m fptserve_models {export-backbone, export-adapter, demo, full}."""
+"""Command line: python -m fptserve_models {export-backbone, export-adapter, train, demo, full}."""
 
 from __future__ import annotations
 
@@ -100,6 +100,50 @@ def cmd_export_adapter(args) -> None:
     print(json.dumps({"task": args.task, "version": args.version, "sha256": m["sha256"], "parity": m["parity"]}, indent=2))
 
 
+def cmd_train(args) -> None:
+    import signal
+
+    from .train import TrainOptions, train
+
+    def terminate(signum, frame):  # SIGTERM cleans up like Ctrl-C: no partial version folder stays
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, terminate)
+
+    path = lambda v: Path(v) if v else None  # noqa: E731
+    opts = TrainOptions(
+        backbone=Path(args.backbone), data=Path(args.data), task=args.task, version=args.version, out=Path(args.out),
+        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
+        warmup_epochs=args.warmup_epochs, grad_clip=args.grad_clip, seed=args.seed, val_fraction=args.val_fraction,
+        mean=_floats(args.mean) if args.mean else None, std=_floats(args.std) if args.std else None,
+        device=args.device, work_dir=path(args.work_dir), resume=args.resume, select_metric=args.select_metric,
+        patience=args.patience, augment=args.augment, augment_source_size=args.augment_source_size,
+        kv_cache_dtype=args.kv_cache_dtype, preload_batch_size=args.preload_batch_size, workers=args.workers,
+        side_preset=args.side_preset,
+        side={k: getattr(args, "side_" + k) for k in ("hidden_size", "num_layers", "num_heads", "mlp_size",
+                                                      "patch_size", "image_size", "num_prompts")
+              if getattr(args, "side_" + k) is not None},
+        decoder=args.decoder, fptserve_bin=path(args.fptserve),
+        dicom={"voi": args.voi, "window_center": args.window_center, "window_width": args.window_width,
+               "voi_function": args.voi_function, "allow_request_override": args.allow_request_override},
+        hf_dir=path(args.hf_dir), publish=args.publish, publish_mode=args.publish_mode,
+        make_default=args.make_default, admin_token_file=path(args.admin_token_file), tls_ca=path(args.tls_ca),
+        tls_cert=path(args.tls_cert), tls_key=path(args.tls_key), tls_server_name=args.tls_server_name,
+        progress=not args.quiet, opset=args.opset, threads=args.threads,
+    )
+    result = train(opts)
+    if args.quiet:
+        print(result.summary)
+    if args.summary_json:
+        Path(args.summary_json).write_text(json.dumps({
+            "folder": str(result.folder), "task": args.task, "version": args.version,
+            "sha256": result.manifest["sha256"], "classes": result.classes, "best_epoch": result.best_epoch,
+            "preprocessing": result.manifest["preprocessing"],
+            "training": result.manifest["training"], "parity": result.manifest["parity"],
+            "published": result.published,
+        }, indent=2) + "\n")
+
+
 def cmd_demo(args) -> None:
     from .demo import generate_demo
 
@@ -172,6 +216,88 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--parity-samples", type=int, default=2, help="seeded inputs for the parity check (default 2)")
     a.set_defaults(func=cmd_export_adapter)
 
+    t = sub.add_parser(
+        "train",
+        help="train a task adapter on an image folder and write tasks/<task>/<version>/",
+        description=(
+            "Train an FPT+ task adapter (side network + fusion module) on a labelled image folder against a backbone "
+            "folder, with the backbone's K/V preloaded once by its backbone.onnx, and export it to "
+            "REPOSITORY/tasks/<task>/<version>/ (nothing else is written there; a failed or interrupted run "
+            "writes nothing). Data: DATA/<class>/... (seeded validation split) or DATA/train/<class>/... + "
+            "DATA/val/<class>/...; PNG, JPEG, TIFF and DICOM files, decoded by the daemon's own decoder "
+            "(fptserve decode) when the fptserve binary is found."
+        ),
+    )
+    t.add_argument("--backbone", required=True, help="backbone folder (manifest.json + backbone.onnx), e.g. REPO/backbones/vit-b16-512")
+    t.add_argument("--data", required=True, help="image folder: <class>/ folders, or train/<class>/ + val/<class>/")
+    t.add_argument("--task", required=True, help="task name, e.g. dr-grade")
+    t.add_argument("--version", required=True, help="version to write (a new folder; never overwritten)")
+    t.add_argument("--out", required=True, help="model repository to write tasks/<task>/<version>/ into")
+    g = t.add_argument_group("training")
+    g.add_argument("--epochs", type=int, default=20, help="epochs (default 20)")
+    g.add_argument("--batch-size", type=int, default=16, help="batch size (default 16)")
+    g.add_argument("--lr", type=float, default=1e-4, help="peak learning rate of AdamW (default 1e-4)")
+    g.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay (default 0.1)")
+    g.add_argument("--warmup-epochs", type=float, default=0.0, help="linear warm-up before the cosine decay (default 0)")
+    g.add_argument("--grad-clip", type=float, default=1.0, help="gradient norm clip, 0 = off (default 1)")
+    g.add_argument("--seed", type=int, default=0, help="seed of the split, init, shuffling, augmentation and dropout (default 0)")
+    g.add_argument("--val-fraction", type=float, default=0.2,
+                   help="fraction of each class held out for validation when there are no train/ val/ folders (default 0.2)")
+    g.add_argument("--select-metric", choices=["auc", "accuracy", "kappa"], default="auc",
+                   help="validation metric that picks the best epoch (default auc: macro one-vs-rest; kappa: quadratic-weighted, for ordered grades)")
+    g.add_argument("--patience", type=int, default=10, help="stop after this many epochs without a better best (0 = never; default 10)")
+    g.add_argument("--augment", choices=["side", "none"], default="side",
+                   help="side: the authors' weak augmentation on the side input only (default); none")
+    g.add_argument("--augment-source-size", type=int, help="size of the image the side augmentation crops from (default 2x the side input)")
+    g.add_argument("--device", default="cpu", help="PyTorch device for training: cpu, cuda, cuda:N (default cpu)")
+    g.add_argument("--threads", type=int, help="PyTorch CPU threads (default: PyTorch's, one per core)")
+    g.add_argument("--work-dir", help="folder for the decoded-pixel and K/V caches and the per-epoch checkpoint, kept "
+                                      "for reruns and --resume (default: a temporary folder, removed at the end)")
+    g.add_argument("--resume", action="store_true", help="continue the interrupted run in --work-dir")
+    p2 = t.add_argument_group("preprocessing and preloading")
+    p2.add_argument("--mean", help="normalisation mean r,g,b (default: computed from the training images)")
+    p2.add_argument("--std", help="normalisation std r,g,b (default: computed from the training images)")
+    p2.add_argument("--kv-cache-dtype", choices=["float16", "float32"], default="float16",
+                    help="dtype of the cached K/V (default float16: half the disk; moves logits by ~1e-4)")
+    p2.add_argument("--preload-batch-size", type=int, default=1,
+                    help="images per backbone.onnx run while preloading (default 1: on a CPU larger batches are no "
+                         "faster and each image adds about 0.9 GB at ViT-B/512; raise it on a GPU)")
+    p2.add_argument("--workers", type=int, help="parallel decodes (default: one per CPU)")
+    p2.add_argument("--decoder", choices=["auto", "fptserve", "pil"], default="auto",
+                    help="fptserve: the daemon's decoder for every file; pil: PIL for PNG/JPEG/TIFF (no DICOM); "
+                         "auto (default): fptserve when the binary is found, else pil")
+    p2.add_argument("--fptserve", help="the fptserve binary (default: $FPTSERVE_BIN, else fptserve on PATH)")
+    p2.add_argument("--voi", choices=["auto", "window", "minmax"], default="auto", help="the task's DICOM pixel policy (default auto)")
+    p2.add_argument("--window-center", type=float, help="window centre for --voi window")
+    p2.add_argument("--window-width", type=float, help="window width for --voi window")
+    p2.add_argument("--voi-function", choices=["linear", "linear_exact", "sigmoid"], help="VOI function for --voi window (default linear)")
+    p2.add_argument("--allow-request-override", action="store_true", help="let requests replace the task's DICOM pixel policy")
+    s2 = t.add_argument_group("side network")
+    s2.add_argument("--side-preset", choices=sorted(SIDE_PRESETS), default="paper",
+                    help="architecture (paper: width 96, 12 heads, MLP 384, patch 16, input 128, 16 prompts; its layers = the backbone's layers used)")
+    for name, help_ in (
+        ("hidden-size", "side width"), ("num-layers", "side layers (= number of backbone layers used)"),
+        ("num-heads", "side attention heads"), ("mlp-size", "side MLP size"), ("patch-size", "side patch size"),
+        ("image-size", "side input size"), ("num-prompts", "prompts per layer"),
+    ):
+        s2.add_argument(f"--side-{name}", type=int, help=f"{help_} (default: preset)")
+    s2.add_argument("--hf-dir", help="the HF ViT folder the backbone was exported from: adds the end-to-end parity check "
+                                     "against the PyTorch backbone (random-init backbones are rebuilt from their seed)")
+    s2.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default {DEFAULT_OPSET})")
+    pub = t.add_argument_group("publishing")
+    pub.add_argument("--publish", metavar="ADDR", help="admin API address (host:port) of a running daemon to load the new version into")
+    pub.add_argument("--publish-mode", choices=["upload", "path"], default="upload",
+                     help="upload: send manifest + side.onnx (default); path: the daemon reads tasks/<task>/<version> from its own repository")
+    pub.add_argument("--make-default", action="store_true", help="make the new version the task's default")
+    pub.add_argument("--admin-token-file", help="file with the admin API's bearer token")
+    pub.add_argument("--tls-ca", help="PEM CA that signed the daemon's certificate (turns TLS on)")
+    pub.add_argument("--tls-cert", help="PEM client certificate (mutual TLS)")
+    pub.add_argument("--tls-key", help="PEM key of --tls-cert")
+    pub.add_argument("--tls-server-name", help="name to check the daemon's certificate against (default: the address's host)")
+    t.add_argument("--quiet", action="store_true", help="no progress output; print only the final summary")
+    t.add_argument("--summary-json", help="also write the run's summary (metrics, memory, times, parity) to this JSON file")
+    t.set_defaults(func=cmd_train)
+
     d = sub.add_parser(
         "demo",
         help="regenerate the committed demo repository and reference fixtures",
@@ -198,9 +324,37 @@ def main(argv: list[str] | None = None) -> int:
     from .export import ExportError
     from .weights import CheckpointMismatch
 
+    errors: tuple = (CheckpointMismatch, ConfigError, ExportError, FileNotFoundError)
+    if args.command == "train":
+        from .data import DataError
+        from .publish import PublishError
+        from .train import TrainError
+
+        errors += (DataError, TrainError)
+    else:
+        PublishError = None  # noqa: N806
     try:
         args.func(args)
-    except (CheckpointMismatch, ConfigError, ExportError, FileNotFoundError) as e:
+    except KeyboardInterrupt:
+        if args.command == "train":
+            version = Path(args.out) / "tasks" / args.task / args.version
+            if version.is_dir():  # interrupted while publishing: the version is complete
+                print(f"interrupted after writing {version}", file=sys.stderr)
+            else:
+                print(f"interrupted: nothing was written to {args.out}", file=sys.stderr)
+        else:
+            print("interrupted", file=sys.stderr)
+        return 130
+    except errors as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:
+        if PublishError is not None and isinstance(e, PublishError):
+            print(
+                f"error: publishing failed: {e}\n(the new version is complete in "
+                f"{Path(args.out) / 'tasks' / args.task / args.version}; load it later or let the repository watch pick it up)",
+                file=sys.stderr,
+            )
+            return 3
+        raise
     return 0

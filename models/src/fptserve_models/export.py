@@ -24,6 +24,7 @@ import torch
 from . import __version__
 from .config import DEFAULT_OPSET, BackboneConfig, SideConfig
 from .model import Backbone, BackboneForExport, SideNetwork
+from .weights import sha256_file
 
 BACKBONE_FORMAT = "fptserve.backbone/v1"
 ADAPTER_FORMAT = "fptserve.adapter/v1"
@@ -366,11 +367,32 @@ def read_backbone(repository: str | Path, name: str) -> tuple[dict[str, Any], Pa
     mpath = folder / "manifest.json"
     if not mpath.is_file():
         raise ExportError(f"no backbone {name!r} in {repository} (missing {mpath}); export it first")
-    manifest = json.loads(mpath.read_text())
-    if manifest.get("format") != BACKBONE_FORMAT:
-        raise ExportError(f"{mpath}: format {manifest.get('format')!r} is not {BACKBONE_FORMAT}")
+    return read_backbone_dir(folder)
+
+
+def read_backbone_dir(folder: str | Path) -> tuple[dict[str, Any], Path]:
+    """A backbone folder's manifest and ONNX path, the ONNX file's SHA-256 checked against the
+    manifest (so what is read is exactly the artifact the daemon would serve)."""
+    folder = Path(folder)
+    mpath = folder / "manifest.json"
+    if not folder.is_dir():
+        raise ExportError(f"backbone folder {folder} does not exist")
+    if not mpath.is_file():
+        raise ExportError(
+            f"{mpath} is missing: {folder} is not a backbone folder (expected manifest.json + backbone.onnx, "
+            "as written by `python -m fptserve_models export-backbone`)"
+        )
+    try:
+        manifest = json.loads(mpath.read_text())
+    except ValueError as e:
+        raise ExportError(f"{mpath} is not valid JSON: {e}") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != BACKBONE_FORMAT:
+        got = manifest.get("format") if isinstance(manifest, dict) else None
+        raise ExportError(f"{mpath}: format {got!r} is not {BACKBONE_FORMAT}")
     onnx_path = folder / manifest["file"]
-    digest = sha256_bytes(onnx_path.read_bytes())
+    if not onnx_path.is_file():
+        raise ExportError(f"{onnx_path} (named by {mpath}) is missing")
+    digest = sha256_file(onnx_path)  # streamed: a 325 MB backbone is never held in memory to hash it
     if digest != manifest["sha256"]:
         raise ExportError(f"{onnx_path}: sha256 {digest} does not match its manifest ({manifest['sha256']})")
     return manifest, onnx_path
@@ -416,7 +438,7 @@ def export_adapter(
     version: str,
     classes: Sequence[str],
     side: SideNetwork,
-    backbone: Backbone,
+    backbone: Backbone | None,
     mean: Sequence[float],
     std: Sequence[float],
     checkpoint: str,
@@ -425,17 +447,40 @@ def export_adapter(
     opset: int = DEFAULT_OPSET,
     parity_samples: int = 2,
     parity_seed: int = 4321,
+    *,
+    backbone_dir: str | Path | None = None,
+    folder: str | Path | None = None,
+    dicom: dict[str, Any] | None = None,
+    parity_images: tuple[torch.Tensor, torch.Tensor] | None = None,
+    provenance: dict[str, Any] | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Write tasks/<task>/<version>/{side.onnx, manifest.json}; returns the manifest.
 
     ``backbone`` is the float32 PyTorch backbone that backbones/<backbone_name> was exported
-    from: the end-to-end parity check runs the whole classifier against it."""
+    from: the end-to-end parity check runs the whole classifier against it. Without it (a
+    trained adapter whose backbone weights are not at hand) the end-to-end check feeds the K/V
+    of backbone.onnx, the served artifact, to both side.onnx and the PyTorch side network.
+
+    Keyword-only options (used by training): ``backbone_dir`` reads the backbone from that
+    folder instead of <repository>/backbones/<backbone_name>; ``folder`` writes there instead
+    of <repository>/tasks/<task>/<version>; ``dicom`` is the task's DICOM pixel policy
+    (default {"voi": "auto"}); ``parity_images`` = (backbone pixels, side pixels) checks
+    parity on these (real, preprocessed) images in addition to ``parity_samples`` seeded ones;
+    ``provenance`` keys are added to the manifest's provenance and ``extra`` adds top-level keys."""
     check_name("task name", task)
     check_name("version", str(version))
     version = str(version)
-    bmanifest, bpath = read_backbone(repository, backbone_name)
-    check_backbone_matches(bmanifest, backbone.config)
-    bconf, sconf = backbone.config, side.config
+    if backbone_dir is not None:
+        bmanifest, bpath = read_backbone_dir(backbone_dir)
+        if bmanifest["name"] != backbone_name:
+            raise ExportError(f"{backbone_dir}: backbone name {bmanifest['name']!r} is not {backbone_name!r}")
+    else:
+        bmanifest, bpath = read_backbone(repository, backbone_name)
+    bconf, sconf = backbone_config_from_manifest(bmanifest), side.config
+    if backbone is not None:
+        check_backbone_matches(bmanifest, backbone.config)
+        bconf = backbone.config
     if side.backbone_config != bconf:
         raise ExportError(
             f"the side network was built for backbone config {side.backbone_config} but the backbone is {bconf}"
@@ -456,9 +501,14 @@ def export_adapter(
         side, example, ["side_pixel_values", "key_states", "value_states"], ["logits"], opset,
         {"logits": [-1, sconf.num_classes]},
     )
-    parity = adapter_parity(backbone, side, bpath, data, kv_dtype, parity_samples, parity_seed)
+    if backbone is not None:
+        parity = adapter_parity(backbone, side, bpath, data, kv_dtype, parity_samples, parity_seed)
+    else:
+        parity = adapter_parity_served_kv(bconf, side, bpath, data, kv_dtype, parity_samples, parity_seed)
+    if parity_images is not None:
+        parity["images"] = adapter_parity_on_images(side, bpath, data, kv_dtype, *parity_images)
 
-    folder = Path(repository) / "tasks" / task / version
+    folder = Path(folder) if folder is not None else Path(repository) / "tasks" / task / version
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "side.onnx").write_bytes(data)
     manifest = {
@@ -477,7 +527,7 @@ def export_adapter(
             "mean": mean,
             "std": std,
             "channels": "rgb",
-            "dicom": {"voi": "auto"},
+            "dicom": dict(dicom) if dicom is not None else {"voi": "auto"},
         },
         "architecture": side_architecture(sconf),
         "inputs": [
@@ -493,8 +543,13 @@ def export_adapter(
             "checkpoint": checkpoint,
             "checkpoint_sha256": checkpoint_sha256,
             "seed": seed,
+            **(provenance or {}),
         },
     }
+    for key, value in (extra or {}).items():
+        if key in manifest:
+            raise ExportError(f"extra manifest key {key!r} would replace a standard one")
+        manifest[key] = value
     write_json(folder / "manifest.json", manifest)
     return manifest
 
@@ -559,3 +614,55 @@ def adapter_parity(
     if problems:
         raise ExportError("adapter parity check failed: " + "; ".join(problems))
     return parity
+
+
+def adapter_parity_served_kv(
+    bconf: BackboneConfig, side: SideNetwork, backbone_path: Path, data: bytes, kv_dtype: str, samples: int, seed: int
+) -> dict[str, Any]:
+    """Parity without a PyTorch backbone: K/V from backbone.onnx (the served artifact) on seeded
+    inputs go to side.onnx and to the PyTorch side network (as float32)."""
+    s = side.config
+    gen = torch.Generator().manual_seed(int(seed))
+    x = torch.randn(samples, bconf.num_channels, bconf.image_size, bconf.image_size, generator=gen)
+    y = torch.randn(samples, s.num_channels, s.image_size, s.image_size, generator=gen)
+    k_o, v_o = ort_session(backbone_path).run(["key_states", "value_states"], {"pixel_values": x.numpy()})
+    with torch.no_grad():
+        reference = side(y, torch.from_numpy(k_o).float(), torch.from_numpy(v_o).float()).numpy()
+    (out,) = ort_session(data).run(["logits"], {"side_pixel_values": y.numpy(), "key_states": k_o, "value_states": v_o})
+    diff = float(np.abs(out - reference).max())
+    parity = {
+        "dtype": "float32",
+        "max_abs_diff": diff,
+        "samples": int(samples),
+        "method": (
+            f"logits, onnxruntime CPU vs PyTorch on {samples} seeded N(0,1) inputs (seed {seed}): the {kv_dtype} K/V "
+            "of backbone.onnx (the served artifact; no PyTorch backbone at hand) go to side.onnx and to the PyTorch "
+            "side network"
+        ),
+        "end_to_end": {"kv_dtype": kv_dtype, "max_abs_diff": diff, "reference": "pytorch side network on backbone.onnx K/V"},
+    }
+    if diff > FP32_TOLERANCE:
+        raise ExportError(f"adapter parity check failed: side logits max abs diff {diff:.3g} > {FP32_TOLERANCE}")
+    return parity
+
+
+def adapter_parity_on_images(
+    side: SideNetwork, backbone_path: Path, data: bytes, kv_dtype: str, pixels: torch.Tensor, side_pixels: torch.Tensor
+) -> dict[str, Any]:
+    """Parity on given preprocessed images (e.g. a trained task's validation images): K/V of
+    backbone.onnx into side.onnx and into the PyTorch side network; logits must agree to 1e-4."""
+    k_o, v_o = ort_session(backbone_path).run(["key_states", "value_states"], {"pixel_values": pixels.numpy()})
+    with torch.no_grad():
+        reference = side(side_pixels, torch.from_numpy(k_o).float(), torch.from_numpy(v_o).float()).numpy()
+    (out,) = ort_session(data).run(
+        ["logits"], {"side_pixel_values": side_pixels.numpy(), "key_states": k_o, "value_states": v_o}
+    )
+    diff = float(np.abs(out - reference).max())
+    if diff > FP32_TOLERANCE:
+        raise ExportError(f"adapter parity check on images failed: logits max abs diff {diff:.3g} > {FP32_TOLERANCE}")
+    return {
+        "samples": int(pixels.shape[0]),
+        "max_abs_diff": diff,
+        "same_labels": bool((out.argmax(1) == reference.argmax(1)).all()),
+        "method": "logits, side.onnx vs the PyTorch side network, both on the K/V of backbone.onnx for these images",
+    }

@@ -309,7 +309,8 @@ class FusionModule(nn.Module):
     """Fine-grained prompts that query each backbone layer's selected K/V.
 
     prompts [L, 1, P, D]; per layer: q = LayerNorm(prompts) split into heads,
-    softmax(q K^T / sqrt(d)) V, merged, plus the raw prompts, then Linear(D -> side width).
+    softmax(q K^T / sqrt(d)) V, merged, plus the raw prompts, then Linear(D -> side width),
+    then Dropout(0.5) (training only).
     """
 
     def __init__(self, backbone: BackboneConfig, side: SideConfig) -> None:
@@ -331,8 +332,9 @@ class FusionModule(nn.Module):
         context = torch.matmul(torch.softmax(scores, dim=-1), value_states)  # [B, L, H, P, d]
         b = context.shape[0]
         context = context.transpose(2, 3).reshape(b, num_layers, num_prompts, dim)
-        fused = self.dropout(context + prompts.unsqueeze(0))
-        return self.out_proj(fused)
+        # Dropout(0.5) acts on the projected tokens (after out_proj), as in the authors' module;
+        # it is the identity in eval mode, so exported graphs do not contain it.
+        return self.dropout(self.out_proj(context + prompts.unsqueeze(0)))
 
 
 class SideViT(nn.Module):

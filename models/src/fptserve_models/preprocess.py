@@ -47,15 +47,25 @@ def dicom_pixels(path: str | Path) -> np.ndarray:
     return np.ascontiguousarray(arr, dtype=np.uint8)
 
 
-def to_tensor(img: Image.Image, size: Sequence[int], mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
-    """[3, H, W] float32: PIL bilinear resize to size=[H, W], /255, then (x - mean) / std."""
+def resize_u8(img: Image.Image, size: Sequence[int]) -> np.ndarray:
+    """[H, W, 3] uint8: an RGB image resized to size=[H, W] with PIL bilinear (antialiased)."""
     h, w = int(size[0]), int(size[1])
-    resized = img.resize((w, h), Image.BILINEAR)
-    x = np.asarray(resized, dtype=np.uint8).astype(np.float32) / np.float32(255)
-    x = x.transpose(2, 0, 1)
+    return np.asarray(img.resize((w, h), Image.BILINEAR), dtype=np.uint8)
+
+
+def normalize(pixels: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+    """uint8 [..., H, W, 3] -> float32 [..., 3, H, W]: /255, then (x - mean) / std, in float32
+    (elementwise, so a batch gives each image exactly the values it gets alone)."""
+    x = np.asarray(pixels, dtype=np.uint8).astype(np.float32) / np.float32(255)
+    x = np.moveaxis(x, -1, -3)
     m = np.asarray(mean, dtype=np.float32)[:, None, None]
     s = np.asarray(std, dtype=np.float32)[:, None, None]
     return np.ascontiguousarray((x - m) / s, dtype=np.float32)
+
+
+def to_tensor(img: Image.Image, size: Sequence[int], mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+    """[3, H, W] float32: PIL bilinear resize to size=[H, W], /255, then (x - mean) / std."""
+    return normalize(resize_u8(img, size), mean, std)
 
 
 def preprocess(

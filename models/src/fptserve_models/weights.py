@@ -79,6 +79,37 @@ def random_side(backbone: BackboneConfig, side: SideConfig, seed: int, classifie
     return model.eval()
 
 
+@torch.no_grad()
+def training_init(model: SideNetwork, seed: int) -> SideNetwork:
+    """The initialisation a side network starts training from (FPT+: randomly initialised).
+
+    As the authors' modules get it: the side ViT (a Hugging Face ViTForImageClassification)
+    has HF's ViT init: Linear / Conv2d weights, CLS token and position embeddings
+    N(0, 0.02^2) truncated at +-2, biases 0, LayerNorm weight 1 and bias 0; the fusion module
+    keeps PyTorch's defaults for its LayerNorm (1, 0) and out_proj (U(-1/sqrt(fan_in),
+    1/sqrt(fan_in)) for weight and bias), and its prompts are N(0, 1e-6^2). Deterministic from
+    ``seed`` (parameters drawn in name order)."""
+    gen = torch.Generator().manual_seed(int(seed))
+    for name, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
+        if name == "fusion_module.prompts":
+            p.normal_(0.0, 1e-6, generator=gen)
+        elif name.startswith("fusion_module.out_proj."):
+            bound = 1.0 / math.sqrt(model.fusion_module.out_proj.in_features)
+            p.uniform_(-bound, bound, generator=gen)
+        elif name.endswith("layer_norm.weight") or name.endswith("layernorm.weight") or (
+            name.endswith("layernorm_before.weight") or name.endswith("layernorm_after.weight")
+        ):
+            p.fill_(1.0)
+        elif name.endswith(".bias"):
+            p.zero_()
+        else:  # Linear / Conv2d weights, cls_token, position_embeddings
+            torch.nn.init.trunc_normal_(p, mean=0.0, std=0.02, a=-2.0, b=2.0, generator=gen)
+    for m in model.modules():
+        if hasattr(m, "refresh"):
+            m.refresh()
+    return model
+
+
 # --------------------------------------------------------------------------------------------
 # Strict loading with one clear message
 # --------------------------------------------------------------------------------------------
