@@ -316,6 +316,10 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--fp16", action="store_true", help="float16 backbone (named vit-b16-512-fp16)")
     f.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default {DEFAULT_OPSET})")
     f.set_defaults(func=cmd_full)
+
+    from .quantize import register as register_quantize  # imports no torch: --help stays instant
+
+    register_quantize(sub)
     return p
 
 
