@@ -31,6 +31,7 @@ import numpy as np
 import PIL
 from PIL import Image
 
+from .digest import sha256_file as sha256_path
 from .preprocess import normalize, resize_u8
 from .progress import Progress
 
@@ -62,12 +63,6 @@ def sniff(head: bytes) -> str | None:
     return None
 
 
-def sha256_path(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 @dataclass(frozen=True)

@@ -77,6 +77,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from .digest import sha256_file
+
 # torch-heavy modules (export, weights) are imported where used, so that importing this module
 # (for register(), e.g. from cli.py) stays cheap and `--help` instant.
 
@@ -91,12 +93,6 @@ def ort_session(model):
     return _export().ort_session(model)
 
 
-def sha256_file(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 METHODS = ("dynamic", "static", "smoothquant-dynamic", "smoothquant-static", "dynamic-ln-fp32")
 DEFAULT_METHOD = "smoothquant-static"

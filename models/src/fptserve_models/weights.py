@@ -15,6 +15,7 @@ from typing import Mapping
 import torch
 
 from .config import BackboneConfig, ConfigError, SideConfig, check_compatible
+from .digest import sha256_file  # noqa: F401 (re-exported for callers)
 from .model import Backbone, SideNetwork
 
 
@@ -22,12 +23,6 @@ class CheckpointMismatch(ValueError):
     """A checkpoint whose keys or shapes do not fit the model it is loaded into."""
 
 
-def sha256_file(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 # --------------------------------------------------------------------------------------------
