@@ -227,7 +227,9 @@ impl Model {
     /// Called before a request's run of a model of `kind`: a model nothing warmed pays
     /// ONNX Runtime's first-run set-up in this request, which is counted.
     pub(crate) fn request_run(&self, kind: &'static str) {
-        if !self.warm.swap(true, Ordering::Relaxed) {
+        // a plain load first: every request passes here, and a swap would write the
+        // shared cache line each time
+        if !self.warm.load(Ordering::Relaxed) && !self.warm.swap(true, Ordering::Relaxed) {
             crate::metrics::cold_run(kind);
         }
     }
