@@ -79,6 +79,34 @@ fn check(png: &Path) {
             "{} -> {w}x{h}: {differing} samples differ from Pillow",
             png.display()
         );
+        let samples = rgb.rgb_bytes();
+        if samples
+            .chunks_exact(3)
+            .all(|p| p[0] == p[1] && p[1] == p[2])
+        {
+            // a grey picture: the server resizes a grey DICOM frame's one channel, which must
+            // equal each of Pillow's three
+            let plane: Vec<u8> = samples.iter().step_by(3).copied().collect();
+            let grey = resize_bilinear(
+                &plane,
+                rgb.width as usize,
+                rgb.height as usize,
+                1,
+                w as usize,
+                h as usize,
+            );
+            let differing = grey
+                .iter()
+                .zip(expected.chunks_exact(3))
+                .filter(|(a, rgb)| rgb.iter().any(|v| v != *a))
+                .count();
+            assert_eq!(
+                differing,
+                0,
+                "{} -> {w}x{h}, one grey channel: {differing} pixels differ from Pillow",
+                png.display()
+            );
+        }
     }
 }
 
@@ -92,15 +120,22 @@ fn fixture_images_resize_exactly_as_pillow() {
 #[test]
 fn seeded_noise_resizes_exactly_as_pillow() {
     let dir = tempfile::tempdir().unwrap();
-    let png = dir.path().join("noise.png");
-    let script = "import sys, numpy as np; from PIL import Image; \
-        rng = np.random.default_rng(7); \
-        Image.fromarray(rng.integers(0, 256, (700, 1000, 3), dtype=np.uint8)).save(sys.argv[1])";
-    let status = Command::new(python())
-        .args(["-c", script])
-        .arg(&png)
-        .status()
-        .unwrap();
-    assert!(status.success());
-    check(&png);
+    for (name, shape) in [
+        ("noise.png", "(700, 1000, 3)"),
+        ("grey-noise.png", "(1100, 1000)"),
+    ] {
+        let png = dir.path().join(name);
+        let script = format!(
+            "import sys, numpy as np; from PIL import Image; \
+            rng = np.random.default_rng(7); \
+            Image.fromarray(rng.integers(0, 256, {shape}, dtype=np.uint8)).save(sys.argv[1])"
+        );
+        let status = Command::new(python())
+            .args(["-c", &script])
+            .arg(&png)
+            .status()
+            .unwrap();
+        assert!(status.success());
+        check(&png);
+    }
 }
