@@ -2,6 +2,8 @@
 
     .venv/bin/python benches/int8_backbone.py [--repo models/full] [--reps 10] [--outliers]
 
+`make bench` runs it as case 9 (`--reuse --outliers`, variants kept in target/bench/int8).
+
 1. Writes the INT8 variant of models/full's ViT-B/16 at 512 with `fptserve_models.quantize` (the
    shipped method unless --method), into a scratch repository under --work that links models/full's
    backbone and tasks (models/full itself is left as it is), and keeps its manifest's fidelity report.
@@ -192,6 +194,7 @@ def main() -> int:
                    help="other methods to build (same calibration, no report) and time alongside (comma list; default dynamic)")
     p.add_argument("--reuse", action="store_true",
                    help="reuse the variants written by an earlier run in --work (timing and tables only)")
+    p.add_argument("--out", help="also write the markdown section here (default: --work/int8_backbone.md only)")
     p.add_argument("--fused-attention", action="store_true",
                    help="also time the shipped method with the MultiHeadAttention rewrite of the unused layers")
     args = p.parse_args()
@@ -209,7 +212,10 @@ def main() -> int:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     previous = work / "repo" / "backbones" / f"{args.backbone}-int8" / "manifest.json"
-    reuse = args.reuse and previous.is_file()
+    # a variant is reused only while it was made from the float32 backbone there now
+    current = json.loads((source / "backbones" / args.backbone / "manifest.json").read_text())["sha256"]
+    reuse = (args.reuse and previous.is_file()
+             and json.loads(previous.read_text()).get("quantized_from", {}).get("sha256") == current)
     repo = work / "repo" if reuse else scratch_repository(work, source, args.backbone)
     fp32_manifest, fp32_path = read_backbone(repo, args.backbone)
     size = fp32_manifest["architecture"]["image_size"]
@@ -290,7 +296,8 @@ def main() -> int:
     out.append(
         f"Written by `benches/int8_backbone.py` in {(time.time() - started) / 60:.1f} min on {cpu} "
         f"({os.cpu_count()} logical cores; {', '.join(isa) or 'no AVX2'}), Linux {platform.release()}, "
-        f"ONNX Runtime {onnxruntime.__version__}. Backbone `{args.backbone}` (ViT-B/16 at {size}, random weights) "
+        f"ONNX Runtime {onnxruntime.__version__}. Backbone `{args.backbone}` (ViT, {fp32_manifest['architecture']['num_layers']} layers of width "
+        f"{fp32_manifest['architecture']['hidden_size']}, patch {fp32_manifest['architecture']['patch_size']}, at {size}; random weights) "
         f"and its INT8 variant `{shipped['name']}`, method `{shipped['quantization']['method']}` "
         f"({shipped['quantization']['quantized']}; " + ("reused from an earlier run" if reuse else
         f"written in {quantize_seconds:.0f} s including its fidelity report") + ")."
@@ -339,6 +346,8 @@ def main() -> int:
     text = "\n".join(out)
     print(text)
     (work / "int8_backbone.md").write_text(text + "\n")
+    if args.out:
+        Path(args.out).write_text(text + "\n")
     write_json(work / "int8_backbone.json", {
         "times": times, "medians": med, "ratio": ratio, "manifest": shipped,
         "outliers": {m: om["fidelity"] for m, om in outlier_results},

@@ -5,9 +5,12 @@
 
 Full mode serves the full-size models (models/full: ViT-B/16 at 512, side network at 128, made
 by `make full-models`); quick mode the demo models (models/demo). Generated inputs, cloned
-repositories and fused models are kept in --work between runs. Machines are noisy: every number
-is a median with min and max over repetitions, and every claim is a ratio to a peer measured in
-the same run.
+repositories, fused models and INT8 variants are kept in --work between runs. Machines are noisy:
+every number is a median with min and max over repetitions, and every claim is a ratio to a peer
+measured in the same run.
+
+`--cases` reruns some cases: the report keeps the other sections of the --out file as they were,
+and its header names them as kept from an earlier run.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 import tempfile
@@ -82,15 +86,36 @@ def settings(args, stubs) -> cases.Settings:
     )
 
 
-def report(s: cases.Settings, sections: list[cases.Section], info: list[tuple[str, str]], seconds: float,
-           command: str) -> str:
+def earlier_sections(path: Path) -> dict[str, str]:
+    """The sections of an earlier report by case number ("## 3. Memory ..." is case 3)."""
+    sections: dict[str, list[str]] = {}
+    number = None
+    if path.exists():
+        for line in path.read_text().splitlines():
+            heading = re.match(r"## (\d+)\. ", line)
+            if heading:
+                number = heading.group(1)
+                sections[number] = []
+            if number:
+                sections[number].append(line)
+    return {k: "\n".join(v).strip() for k, v in sections.items()}
+
+
+def report(s: cases.Settings, sections: dict[str, cases.Section], kept: dict[str, str],
+           info: list[tuple[str, str]], seconds: float, command: str) -> str:
+    ran = ", ".join(sorted(sections, key=int))
     lines = [
         "# Benchmarks",
         "",
-        f"Written by `{command}` ({s.mode} mode) in {seconds / 60:.1f} min. fptserve and each peer ran side by",
-        "side in this one run on this machine; ratios are of medians. Rerun it rather than compare",
-        "numbers across machines or runs.",
+        f"Written by `{command}` ({s.mode} mode; cases {ran}) in {seconds / 60:.1f} min. fptserve and each peer",
+        "ran side by side in this one run on this machine; ratios are of medians. Rerun it rather than",
+        "compare numbers across machines or runs.",
         "",
+    ]
+    if kept:
+        lines += [f"Kept from an earlier report, not rerun by this one (each says when and how it was measured): "
+                  f"{', '.join(sorted(kept, key=int))}.", ""]
+    lines += [
         cases.table(["", ""], [[k, v] for k, v in info]),
         "",
         f"Models: backbone `{s.template.backbone_name}`, task adapter `{s.template.spec}` "
@@ -99,8 +124,11 @@ def report(s: cases.Settings, sections: list[cases.Section], info: list[tuple[st
         f"{s.threads} intra-op threads in every process.",
         "",
     ]
-    for section in sections:
-        lines += [f"## {section.title}", "", section.markdown.rstrip(), ""]
+    for number in sorted({*sections, *kept}, key=int):
+        if number in sections:
+            lines += [f"## {sections[number].title}", "", sections[number].markdown.rstrip(), ""]
+        else:
+            lines += [kept[number], ""]
     return "\n".join(lines)
 
 
@@ -126,17 +154,20 @@ def main(argv: list[str] | None = None) -> int:
         stubs = peer.load_stubs(Path(stubs_dir))
         s = settings(args, stubs)
         s.admin_stubs = servers.admin_stubs(Path(stubs_dir))
-        sections = []
-        for number in args.cases.split(","):
-            case = cases.CASES[number.strip()]
+        sections = {}
+        for number in (n.strip() for n in args.cases.split(",")):
+            case = cases.CASES[number]
             t = time.perf_counter()
             print(f"case {number}: {case.__name__} ...", flush=True)
-            sections.append(case(s))
+            sections[number] = case(s)
             print(f"case {number}: done in {time.perf_counter() - t:.0f} s", flush=True)
     seconds = time.perf_counter() - started
     command = "make bench" if args.full else "make bench-quick"
-    args.out.write_text(report(s, sections, machine(args.binary), seconds, command))
-    raw = {section.title: section.raw for section in sections}
+    if set(sections) != set(cases.CASES):
+        command = f"python benches/run.py --{s.mode} --cases {args.cases}"
+    kept = {k: v for k, v in earlier_sections(args.out).items() if k not in sections}
+    args.out.write_text(report(s, sections, kept, machine(args.binary), seconds, command))
+    raw = {section.title: section.raw for section in sections.values()}
     results = args.work / f"results-{s.mode}.json"
     results.parent.mkdir(parents=True, exist_ok=True)
     results.write_text(json.dumps(raw, indent=1, default=str))

@@ -91,10 +91,17 @@ pub enum Memory {
     /// pattern is planned on the first run and allocated as one more block on the second,
     /// beside the arena chunks the first run left (ViT-B/16 at 512, Python, same options:
     /// resident 1212 MiB after one run, 1628 MiB after two with the pattern, 1212 without).
+    /// The arena is what keeps the backbone at ONNX Runtime's full speed: without it the
+    /// same model ran 1.33x slower (each run's 50 MB attention buffers become fresh mappings
+    /// that the kernel zero-fills) while holding 519 instead of 819 MiB; an arena that grows
+    /// only as requested, or glibc keeping large blocks, saved nothing (2-core Xeon,
+    /// benches/ort_options.py, BENCHMARKS.md case 10).
     Arena,
     /// The process allocator, given back after every run: many small models (adapters)
     /// then share one pool instead of each holding its own peak (full-size adapters,
     /// RSS after serving each once: 10.9 MiB per adapter with arenas, 9.7 MiB without).
+    /// What an adapter then holds is its weights plus about 1.3 MiB of ONNX Runtime graph,
+    /// kernels and plan, the same at any width (benches/ort_options.py on the demo adapter).
     Shared,
 }
 

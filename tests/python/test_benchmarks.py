@@ -26,12 +26,17 @@ def test_quick_benchmarks_run_every_case(tmp_path):
     report = out.read_text()
     for title in ("1. Serving overhead", "2. Many tasks per image", "3. Memory",
                   "4. Decode and preprocess per transfer syntax", "5. Throughput under concurrency",
-                  "6. Adapter hot swap", "7. Feature cache"):
+                  "6. Adapter hot swap", "7. Feature cache",
+                  "8. Training memory: FPT+ with preloaded K/V against full fine-tuning", "9. INT8 backbone (CPU)",
+                  "10. ONNX Runtime session options"):
         assert f"## {title}" in report
     assert re.search(r"fptserve / floor: (\d+\.\d+)", report)
     raw = json.loads((work / "results-quick.json").read_text())
     # one backbone run serves K tasks: the harness checked backbone_runs == 1 for every K
-    assert sorted(raw["2. Many tasks per image"]) == ["1", "4", "8"]
+    many = raw["2. Many tasks per image"]
+    assert sorted(many, key=int) == ["1", "4", "8", "32", "64"]
+    # the fused models were measured up to FUSED_MAX and extrapolated beyond, and said so
+    assert [many[k]["fused_measured"] for k in ("1", "8", "32", "64")] == [True, True, False, False]
     # every transfer syntax of the decode case was decoded by both sides
     decoded = raw["4. Decode and preprocess per transfer syntax"]
     assert len(decoded) == 10 and all(v["fptserve_decode"] and v["python_decode"] for v in decoded.values())
