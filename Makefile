@@ -37,7 +37,8 @@ full-models: python-env
 models/full/tasks/dr-grade/1/manifest.json:
 	$(MAKE) full-models
 
-# fptserve against its peers, side by side; writes BENCHMARKS.md (about 20 minutes on 2 cores).
+# fptserve against its peers, side by side, every case; writes BENCHMARKS.md (about 35 minutes on 2 cores,
+# up to 16 GB of memory for case 8).
 bench: system-deps runtime python-env models/full/tasks/dr-grade/1/manifest.json
 	$(CARGO) build --release --locked
 	.venv/bin/python benches/run.py --full --binary target/release/fptserve --out BENCHMARKS.md

@@ -114,9 +114,22 @@ def percentile(samples: list[float], q: float) -> float:
 # --------------------------------------------------------------------------------------------
 
 
+_GLOBAL_POOL_THREADS: int | None = None
+
+
 def session(path: Path, threads: int) -> ort.InferenceSession:
+    """A baseline session. Every one in this process shares one thread pool of `threads`, as the
+    daemon's do: with a pool per session (ONNX Runtime's default) a side network took 17 ms
+    instead of 3 when twenty sessions took turns (case 10), which would make the design's floor
+    of case 2 no floor."""
+    global _GLOBAL_POOL_THREADS
+    if _GLOBAL_POOL_THREADS is None:
+        ort.set_global_thread_pool_sizes(threads, 1)
+        _GLOBAL_POOL_THREADS = threads
+    if threads != _GLOBAL_POOL_THREADS:
+        raise ValueError(f"one thread pool of {_GLOBAL_POOL_THREADS} serves this process; asked for {threads}")
     options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
+    options.use_per_session_threads = False
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
@@ -301,13 +314,19 @@ def many_tasks(s: Settings) -> Section:
                 run_direct(k)
 
             warm(once, s.warmup)
-            ours = block(lambda: client.timed(dicom, tasks)[0], s.repeats)
+            ours, theirs, floor = [], [], []
+            runs = [(ours, lambda: client.timed(dicom, tasks)[0]), (floor, lambda: run_direct(k))]
             if measured:
-                theirs = block(lambda: run_fused(k), s.repeats)
+                runs.append((theirs, lambda: run_fused(k)))
+            # rounds of one run each, the order reversed every other round: a slow spell of
+            # this shared machine hits all three alike
+            for r in range(s.repeats):
+                for times, run in (runs if r % 2 == 0 else runs[::-1]):
+                    times.append(run())
+            if measured:
                 per_fused_model = [x / k for x in theirs]
             else:
                 theirs = [x * k for x in per_fused_model]
-            floor = block(lambda: run_direct(k), s.repeats)
             o, f, d = stats(ours), stats(theirs), stats(floor)
             tput = {name: stats([1.0 / x for x in xs]) for name, xs in
                     (("fptserve", ours), ("fused", theirs), ("direct", floor))}
@@ -330,7 +349,10 @@ comparison favours it. Up to K = {len(fused)} it is measured with K sessions; be
 not fit in this machine's memory (about 0.8 GiB each when warm, case 3), so its time is K times the
 per-model time measured at K = {len(fused)} (marked extrapolated). The floor is the design's: one backbone
 run and K side networks by ONNX Runtime from Python on ready tensors; the last column is the floor's
-time over fptserve's (goal >= 0.95 at every K). {s.repeats} repetitions after {s.warmup} warm-up; threads {s.threads}.
+time over fptserve's (goal >= 0.95 at every K). Every session in the Python process shares one thread
+pool, as the daemon's do (a pool per session makes each side network about 5x slower: case 10).
+{s.repeats} rounds after {s.warmup} warm-up, each one fptserve call, one floor run and one run of the fused
+models, the order reversed every other round; threads {s.threads}.
 
 {table(["K", "fptserve ms/image", "fptserve images/s", "K fused models ms/image", "fused images/s",
         "throughput ratio", "floor ms/image (1 backbone + K sides, no serving)", "floor / fptserve"], rows)}
