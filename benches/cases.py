@@ -423,7 +423,8 @@ Files: backbone.onnx {mib(backbone_bytes)} MiB, side.onnx {side_bytes / 1024:.0f
 
 - Per added adapter (fptserve, slope from {lo} to {hi}): **{per_adapter['loaded'] / 1024:.0f} KiB loaded,
   {per_adapter['warm'] / 1024:.0f} KiB warm**, against {side_bytes / 1024:.0f} KiB of side.onnx
-  ({per_adapter['warm'] / side_bytes:.2f}x the file).
+  (**{per_adapter['warm'] / side_bytes:.2f}x the file**; goal <= 1.5x).
+- Backbone + {hi} warm adapters: **{mib(ours[hi]['warm'])} MiB** (goal <= 1024 MiB).
 - Per added fused model (slope from {flo} to {fhi}): {mib(per_model['loaded'])} MiB loaded, {mib(per_model['warm'])} MiB warm.
 - {tasks} tasks, extrapolated for one model per task: {mib(fused_at['warm'])} MiB warm, against fptserve's
   measured {mib(ours[hi]['warm'])} MiB: **{fused_at['warm'] / ours[hi]['warm']:.1f}x less memory** for fptserve.

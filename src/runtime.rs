@@ -93,8 +93,9 @@ pub enum Memory {
     /// resident 1212 MiB after one run, 1628 MiB after two with the pattern, 1212 without).
     /// The arena is what keeps the backbone at ONNX Runtime's full speed: without it the
     /// same model ran 1.33x slower (each run's 50 MB attention buffers become fresh mappings
-    /// that the kernel zero-fills) while holding 519 instead of 819 MiB; an arena that grows
-    /// only as requested, or glibc keeping large blocks, saved nothing (2-core Xeon,
+    /// that the kernel zero-fills) while holding 530 instead of 813-897 MiB. An arena that
+    /// grows only as requested held 754-834 MiB, within the run-to-run spread; glibc keeping
+    /// large blocks instead of the arena held more (2-core Xeon, two runs of
     /// benches/ort_options.py, BENCHMARKS.md case 10).
     Arena,
     /// The process allocator, given back after every run: many small models (adapters)

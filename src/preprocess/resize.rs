@@ -117,9 +117,9 @@ fn horizontal(src: &[u8], width: usize, height: usize, ch: usize, out_w: usize) 
             let k = &t.weights[xx * t.ksize..xx * t.ksize + n];
             if ch == 1 {
                 // Grey, the common case for DICOM: one contiguous run, which the compiler
-                // vectorises (the general loop below is index-checked per sample; a
-                // 2048x2048 frame's two resizes took 21 ms through it, 15 ms through this:
-                // BENCHMARKS.md case 1, 2-core Xeon).
+                // vectorises (the general loop below is index-checked per sample).
+                // Preprocessing a 2048x2048 frame for both resizes took 21 ms with the
+                // general loop, 15-16 ms with this (2-core Xeon; BENCHMARKS.md case 1).
                 let acc = row[xmin..xmin + n]
                     .iter()
                     .zip(k)
