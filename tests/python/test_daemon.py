@@ -9,6 +9,7 @@ daemon.
 import base64
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -31,9 +32,23 @@ GRPCURL = Path(sys.executable).parent / "grpcurl"
 
 
 def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port for a server that must be told its port before it starts (the metrics listener,
+    Orthanc). Chosen below the kernel's ephemeral range: a port the kernel handed out (bind to
+    0) is free only until some client connection takes it as its source port, which made a
+    daemon fail to start with "Address already in use" while other tests' connections came
+    and went; below the range only explicit binds compete."""
+    with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+        low = int(f.read().split()[0])
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(max(1024, low - 12000), low)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port below the ephemeral range ({low})")
 
 
 @pytest.fixture(scope="module")
