@@ -281,8 +281,8 @@ def many_tasks(s: Settings) -> Section:
     fused_path = repos.fused_model(s.work, t)
     dicom = data.serving_dicom(s.work, s.serving_size).read_bytes()
     pixels, side = ready_tensors(dicom, t)
-    # K fused models are K sessions of ~0.8 GiB each when warm (case 3): past FUSED_MAX they
-    # would not fit in memory, so larger K are K times the per-model time at FUSED_MAX
+    # K fused models are K full models in memory (case 3: over 0.6 GiB each when warm): past
+    # FUSED_MAX they would not fit, so larger K are K times the per-model time at FUSED_MAX
     fused = [session(fused_path, s.threads) for _ in range(min(kmax, FUSED_MAX))]
     direct = Direct(t, s.threads, adapters=kmax)
 
@@ -346,7 +346,7 @@ The peer is what a one-model-per-task server runs: K separate fine-tuned models,
 and side network fused into one ONNX graph (onnx.compose of the same two files), run by ONNX
 Runtime from Python on ready tensors, one after the other; it pays no decoding and no gRPC, so the
 comparison favours it. Up to K = {len(fused)} it is measured with K sessions; beyond, K fused models would
-not fit in this machine's memory (about 0.8 GiB each when warm, case 3), so its time is K times the
+not fit in this machine's memory (over 0.6 GiB each when warm, case 3), so its time is K times the
 per-model time measured at K = {len(fused)} (marked extrapolated). The floor is the design's: one backbone
 run and K side networks by ONNX Runtime from Python on ready tensors; the last column is the floor's
 time over fptserve's (goal >= 0.95 at every K). Every session in the Python process shares one thread

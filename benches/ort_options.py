@@ -148,13 +148,14 @@ def measure(model: Path, names: list[str], count: int, args) -> dict[str, dict]:
     return results
 
 
-def table(results: dict[str, dict], unit: float, unit_name: str, size: int) -> list[str]:
-    base = statistics.median(next(iter(results.values()))["times"])
-    lines = [f"| options | {unit_name} per run: median (min-max) | time / Python defaults | RSS per session, MiB "
-             f"(median) | RSS / file |", "|---|---|---|---|---|"]
+def table(results: dict[str, dict], size: int) -> list[str]:
+    """One row per candidate: times in ms, the first candidate as the time baseline."""
+    base = statistics.median(next(iter(results.values()))["times"]) * 1e3
+    lines = ["| options | ms per run: median (min-max) | time / Python defaults | RSS per session, MiB (median) "
+             "| RSS / file |", "|---|---|---|---|---|"]
     for name, r in results.items():
-        t, rss = r["times"], statistics.median(r["rss"])
-        lines.append(f"| {name} | {statistics.median(t) * unit:.1f} ({min(t) * unit:.1f}-{max(t) * unit:.1f}) | "
+        t, rss = [x * 1e3 for x in r["times"]], statistics.median(r["rss"])
+        lines.append(f"| {name} | {statistics.median(t):.1f} ({min(t):.1f}-{max(t):.1f}) | "
                      f"{statistics.median(t) / base:.3f} | {rss / 2**20:.1f} | {rss / size:.2f} |")
     return lines
 
@@ -198,12 +199,12 @@ def main() -> int:
         "",
         f"Backbone `{args.backbone}` ({backbone.stat().st_size / 2**20:.0f} MiB file), one session, one image:",
         "",
-        *table(backbone_results, 1e3, "ms", backbone.stat().st_size),
+        *table(backbone_results, backbone.stat().st_size),
         "",
         f"Adapter `{args.task}@1` ({adapter.stat().st_size / 2**10:.0f} KiB file), {args.count} sessions in one "
         "process:",
         "",
-        *table(adapter_results, 1e3, "ms", adapter.stat().st_size),
+        *table(adapter_results, adapter.stat().st_size),
     ]
     text = "\n".join(out)
     print(text)

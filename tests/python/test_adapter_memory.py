@@ -11,9 +11,10 @@ one with many, is the memory per warm adapter; its ratio to side.onnx's size is 
 What one more warm adapter holds: its weights (the file's size) plus ONNX Runtime's graph,
 kernels and execution plan for its session, 1.2-1.3 MiB whatever the weights, since the node
 count is the same at every width (benches/ort_options.py on the demo adapter, whose weights are
-157 KiB). On a paper-size side.onnx of 3.8 MB that made 1.47-1.49x here (2-core Xeon, five
-runs) and 1.32x in BENCHMARKS.md case 3 (another CPU, 10 to 100 adapters). BOUND leaves room
-for CPUs whose kernels pack weights differently.
+157 KiB). On this test's 3.8 MB side.onnx that made 1.47-1.49x (2-core Xeon, five runs);
+BENCHMARKS.md case 3 measures 1.30x on the same CPU for the full-size dr-grade adapter (10 to
+100 copies beside ViT-B/16, which this test does not load). BOUND leaves room for CPUs whose
+kernels pack weights differently.
 """
 
 import json

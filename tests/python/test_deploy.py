@@ -27,7 +27,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -41,13 +40,13 @@ import pytest
 import referencing
 import yaml
 
-ROOT = Path(__file__).resolve().parents[2]
+from test_daemon import BINARY, ROOT, free_port
+
 DEPLOY = ROOT / "deploy"
 K8S = DEPLOY / "k8s"
 DOCKER = DEPLOY / "docker"
 DASHBOARD = DEPLOY / "grafana" / "fptserve-dashboard.json"
 HEALTHCHECK = DOCKER / "fptserve-healthcheck"
-BINARY = Path(os.environ.get("FPTSERVE_BIN", ROOT / "target" / "debug" / "fptserve"))
 OVERLAYS = ["cpu", "gpu"]
 
 # Kubernetes versions the manifests are validated for: 1.27 is the first with gRPC probes
@@ -1038,12 +1037,6 @@ class Metrics(http.server.BaseHTTPRequestHandler):
 def healthcheck(listen, timeout=10):
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "FPTSERVE_METRICS_LISTEN": listen}
     return subprocess.run(["bash", str(HEALTHCHECK)], env=env, capture_output=True, text=True, timeout=timeout)
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_healthcheck_reads_the_ready_gauge():
