@@ -199,8 +199,9 @@ impl Reader<'_> {
 }
 
 /// Deflated data sets are inflated (to a bounded size) and walked like explicit VR little
-/// endian ones, since that is what the parser will read.
-fn check_deflated(compressed: &[u8]) -> Result<(), DecodeError> {
+/// endian ones, since that is what they are once inflated. The inflated bytes are returned
+/// so that the parser reads them instead of inflating a second time.
+fn inflate_and_check(compressed: &[u8]) -> Result<Vec<u8>, DecodeError> {
     use std::io::Read;
     const MAX_INFLATED: u64 = 1 << 30;
     let mut inflated = Vec::new();
@@ -224,12 +225,26 @@ fn check_deflated(compressed: &[u8]) -> Result<(), DecodeError> {
     while data.pos < data.buf.len() {
         data.walk(0)?;
     }
-    Ok(())
+    Ok(inflated)
 }
 
-/// Checks the declared lengths of a Part 10 body (starting at "DICM"). Deflated data sets
-/// are checked after the parser inflates them (their bytes here are compressed).
-pub fn check_lengths(body: &[u8]) -> Result<(), DecodeError> {
+/// A Part 10 body whose declared lengths all fit.
+pub enum Checked<'a> {
+    /// The body as received.
+    Plain(&'a [u8]),
+    /// A deflated data set, inflated once here: the file meta group as received, then the
+    /// data set's explicit VR little endian bytes.
+    Inflated {
+        /// "DICM" and the file meta group.
+        meta: &'a [u8],
+        /// The inflated data set.
+        data_set: Vec<u8>,
+    },
+}
+
+/// Checks the declared lengths of a Part 10 body (starting at "DICM"). A deflated data set
+/// is inflated and checked in its inflated form.
+pub fn check_lengths(body: &[u8]) -> Result<Checked<'_>, DecodeError> {
     let meta_enc = Encoding {
         explicit: true,
         big_endian: false,
@@ -290,7 +305,12 @@ pub fn check_lengths(body: &[u8]) -> Result<(), DecodeError> {
             explicit: true,
             big_endian: true,
         },
-        "1.2.840.10008.1.2.1.99" => return check_deflated(&body[meta.pos..]),
+        "1.2.840.10008.1.2.1.99" => {
+            return Ok(Checked::Inflated {
+                meta: &body[..meta.pos],
+                data_set: inflate_and_check(&body[meta.pos..])?,
+            });
+        }
         _ => meta_enc,
     };
     let mut data = Reader {
@@ -302,5 +322,5 @@ pub fn check_lengths(body: &[u8]) -> Result<(), DecodeError> {
     while data.pos < data.buf.len() {
         data.walk(0)?;
     }
-    Ok(())
+    Ok(Checked::Plain(body))
 }

@@ -7,8 +7,12 @@ mod attributes;
 mod frame;
 mod luts;
 
+use std::io::Read;
+
+use dicom_core::Tag;
 use dicom_dictionary_std::tags;
 use dicom_encoding::TransferSyntaxIndex;
+use dicom_encoding::transfer_syntax::{Codec, Endianness, TransferSyntax};
 use dicom_object::file::ReadPreamble;
 use dicom_object::{DefaultDicomObject, InMemDicomObject, OpenFileOptions};
 use dicom_transfer_syntax_registry::TransferSyntaxRegistry;
@@ -18,6 +22,7 @@ pub use self::frame::{ColourFrame, Frame, GreyFrame, Samples};
 use self::luts::{file_voi, modality_lut, palette};
 use super::codec::{self, FrameLayout};
 use super::photometric;
+use super::scan::{self, Checked};
 use super::{DecodeError, Decoded, DicomIdentifiers, InputInfo, Limits, Pixels, check_size};
 
 /// Saturates a header number into u16 (out-of-range values then fail validation).
@@ -93,24 +98,55 @@ pub fn layout(obj: &DefaultDicomObject) -> Result<FrameLayout, DecodeError> {
 
 /// Parses a DICOM Part 10 file (with or without its 128-byte preamble).
 pub fn parse(bytes: &[u8]) -> Result<DefaultDicomObject, DecodeError> {
-    let body = part10_body(bytes)?;
-    super::scan::check_lengths(body)?;
-    OpenFileOptions::new()
-        .read_preamble(ReadPreamble::Never)
-        .from_reader(body)
-        .map_err(|e| DecodeError::Invalid(format!("cannot parse DICOM: {e}")))
+    read(bytes, None)
 }
 
 /// Parses a DICOM Part 10 file's header: every attribute before the pixel data.
 pub fn parse_header(bytes: &[u8]) -> Result<InMemDicomObject, DecodeError> {
-    let body = part10_body(bytes)?;
-    super::scan::check_lengths(body)?;
-    OpenFileOptions::new()
+    read(bytes, Some(tags::PIXEL_DATA)).map(|file| file.into_inner())
+}
+
+/// The length check, then the parser, reading up to `until` (or everything).
+fn read(bytes: &[u8], until: Option<Tag>) -> Result<DefaultDicomObject, DecodeError> {
+    let options = OpenFileOptions::new()
         .read_preamble(ReadPreamble::Never)
-        .read_until(tags::PIXEL_DATA)
-        .from_reader(body)
-        .map(|file| file.into_inner())
-        .map_err(|e| DecodeError::Invalid(format!("cannot parse DICOM: {e}")))
+        .transfer_syntax_index(InflatedIndex);
+    let options = match until {
+        Some(tag) => options.read_until(tag),
+        None => options,
+    };
+    let parsed = match scan::check_lengths(part10_body(bytes)?)? {
+        Checked::Plain(body) => options.from_reader(body),
+        Checked::Inflated { meta, data_set } => options.from_reader(meta.chain(&data_set[..])),
+    };
+    parsed.map_err(|e| DecodeError::Invalid(format!("cannot parse DICOM: {e}")))
+}
+
+/// Deflated Explicit VR Little Endian.
+const DEFLATED: &str = "1.2.840.10008.1.2.1.99";
+
+/// A deflated data set after the length check inflated it (once, with zlib-rs): explicit
+/// VR little endian bytes, read under the file's own UID so that the file meta group
+/// still says how the file was sent.
+static INFLATED: TransferSyntax = TransferSyntax::new(
+    DEFLATED,
+    "Deflated Explicit VR Little Endian (inflated)",
+    Endianness::Little,
+    true,
+    Codec::None,
+);
+
+/// dicom-rs's registry, except that the deflated syntax reads already-inflated bytes.
+struct InflatedIndex;
+
+impl TransferSyntaxIndex for InflatedIndex {
+    fn get(&self, uid: &str) -> Option<&TransferSyntax> {
+        if uid.trim_end_matches(['\0', ' ']) == DEFLATED {
+            Some(&INFLATED)
+        } else {
+            TransferSyntaxRegistry.get(uid)
+        }
+    }
 }
 
 /// The file after its preamble: from "DICM" on.
