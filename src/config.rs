@@ -15,6 +15,7 @@ use serde_json::{Map, Value};
 use std::time::Duration;
 
 use crate::decode::Limits;
+use crate::decode::codec::MinSize;
 use crate::engine::EngineSettings;
 use crate::runtime::{Device, Threads};
 use crate::server::GrpcSettings;
@@ -231,6 +232,35 @@ pub struct DecodeArgs {
     /// VOI function for `--voi window`: linear, linear_exact or sigmoid.
     #[arg(long)]
     pub voi_function: Option<String>,
+    /// Reduced-resolution decoding, as a task with `decode_resolution: reduced` gets it:
+    /// JPEG 2000, HTJ2K and DCT-based JPEG stop at the coarsest resolution whose sides are
+    /// at least WIDTHxHEIGHT (the task's largest input size). Default: full resolution.
+    #[arg(long, value_name = "WIDTHxHEIGHT", value_parser = parse_min_size)]
+    pub min_size: Option<MinSize>,
+}
+
+/// `WIDTHxHEIGHT`, or one number for a square.
+fn parse_min_size(text: &str) -> Result<MinSize, String> {
+    let number = |t: &str| {
+        t.trim()
+            .parse::<u32>()
+            .ok()
+            .filter(|&n| n > 0)
+            .ok_or_else(|| format!("{text:?}: expected WIDTHxHEIGHT or N, positive integers"))
+    };
+    match text.split_once(['x', 'X']) {
+        Some((w, h)) => Ok(MinSize {
+            width: number(w)?,
+            height: number(h)?,
+        }),
+        None => {
+            let n = number(text)?;
+            Ok(MinSize {
+                width: n,
+                height: n,
+            })
+        }
+    }
 }
 
 /// Settings shared by `serve` and `classify`.

@@ -14,7 +14,7 @@ use dicom_core::{DataElement, VR};
 use dicom_dictionary_std::tags;
 use dicom_object::{FileMetaTableBuilder, InMemDicomObject, OpenFileOptions};
 use fptserve::decode::Limits;
-use fptserve::decode::codec::{FrameLayout, decode_frame};
+use fptserve::decode::codec::{FrameLayout, MinSize, decode_frame, decode_frame_at};
 
 const EXPLICIT_LE: &str = "1.2.840.10008.1.2.1";
 
@@ -886,6 +886,348 @@ fn htj2k_lossy() {
     let rgb = rgb8_smooth();
     let p = htj2k(&rgb, ts, &["-qstep", "0.01"], &s);
     check(&p, &rgb, ts, 8, "RGB");
+}
+
+// --- reduced resolution (tasks with decode_resolution: reduced) ---
+
+/// Frame `frame`'s codestream: these files hold one fragment per frame.
+fn codestream(path: &Path, frame: usize) -> Vec<u8> {
+    let obj = OpenFileOptions::new().open_file(path).unwrap();
+    let pixels = obj.element(tags::PIXEL_DATA).unwrap();
+    let fragments = pixels.value().fragments().expect("encapsulated pixel data");
+    fragments[frame].clone()
+}
+
+/// Samples of a binary PGM or PPM (8-bit, or 16-bit big-endian when maxval > 255), and
+/// its width and height.
+fn read_pnm(path: &Path) -> (usize, usize, Vec<i64>) {
+    let bytes = std::fs::read(path).unwrap();
+    let mut fields = Vec::new();
+    let mut at = 0;
+    while fields.len() < 4 {
+        while bytes[at].is_ascii_whitespace() {
+            at += 1;
+        }
+        if bytes[at] == b'#' {
+            while bytes[at] != b'\n' {
+                at += 1;
+            }
+            continue;
+        }
+        let start = at;
+        while !bytes[at].is_ascii_whitespace() {
+            at += 1;
+        }
+        fields.push(String::from_utf8_lossy(&bytes[start..at]).into_owned());
+    }
+    let body = &bytes[at + 1..];
+    let (w, h, max): (usize, usize, u32) = (
+        fields[1].parse().unwrap(),
+        fields[2].parse().unwrap(),
+        fields[3].parse().unwrap(),
+    );
+    let values = if max > 255 {
+        body.chunks_exact(2)
+            .map(|b| i64::from(u16::from_be_bytes([b[0], b[1]])))
+            .collect()
+    } else {
+        body.iter().map(|&b| i64::from(b)).collect()
+    };
+    (w, h, values)
+}
+
+/// The size that allows exactly `k` halvings of `img` (rounding up, as the codecs do).
+fn min_for(img: &Image, k: u32) -> MinSize {
+    MinSize {
+        width: img.columns.div_ceil(1 << k),
+        height: img.rows.div_ceil(1 << k),
+    }
+}
+
+/// Decodes frame `frame` of `path` for `min` and checks it against a reference decoder's
+/// reduced output (`width` x `height`, interleaved samples): exactly, or within
+/// `tolerance`. Returns the largest difference.
+fn check_reduced(
+    path: &Path,
+    frame: u32,
+    min: MinSize,
+    reference: (usize, usize, Vec<i64>),
+    tolerance: i64,
+) -> i64 {
+    let obj = OpenFileOptions::new().open_file(path).unwrap();
+    let layout = layout(&obj);
+    let raw = decode_frame_at(&obj, frame, &layout, &Limits::default(), Some(min))
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let (w, h, want) = reference;
+    assert_eq!(
+        (raw.width, raw.height),
+        (w, h),
+        "{}: decoded size for {min:?}",
+        path.display()
+    );
+    let got = sample_values(
+        &raw.data,
+        raw.bits_allocated,
+        layout.bits_stored,
+        layout.signed,
+    );
+    assert_eq!(got.len(), want.len(), "{}: sample count", path.display());
+    let worst = got
+        .iter()
+        .zip(&want)
+        .map(|(g, w)| (g - w).abs())
+        .max()
+        .unwrap_or(0);
+    assert!(
+        worst <= tolerance,
+        "{}: reduced decode differs from the reference by up to {worst} (tolerance {tolerance})",
+        path.display()
+    );
+    worst
+}
+
+/// Runs a reference decoder on frame `frame`'s codestream (written to a file named with
+/// `extension`) and reads its PGM (`samples` 1) or PPM (3) output.
+fn reference_decode(
+    s: &Scratch,
+    path: &Path,
+    frame: usize,
+    samples: u16,
+    (extension, tool, args): (&str, &str, &[&str]),
+) -> (usize, usize, Vec<i64>) {
+    let stem = path.file_stem().unwrap().to_str().unwrap();
+    let input = s.path(&format!("{stem}_{frame}.{extension}"));
+    std::fs::write(&input, codestream(path, frame)).unwrap();
+    let pnm = if samples == 3 { "ppm" } else { "pgm" };
+    let tag = args.join("").replace(['/', ',', '-'], "_");
+    let output = s.path(&format!("{stem}_{frame}{tag}.{pnm}"));
+    let (i, o) = (input.to_str().unwrap(), output.to_str().unwrap());
+    let all: Vec<&str> = if tool == "djpeg" {
+        [args, &["-pnm", "-outfile", o, i]].concat()
+    } else {
+        [&["-i", i, "-o", o][..], args].concat()
+    };
+    run(tool, &all);
+    read_pnm(&output)
+}
+
+/// JPEG 2000 (gdcm's encoder) decoded 1 and 2 levels down equals OpenJPEG's own
+/// `opj_decompress -r`: grey 12-bit in 16 bits, an odd size, colour with the reversible
+/// colour transform, and the second frame of a multi-frame file.
+#[test]
+fn jpeg_2000_reduced_equals_opj_decompress() {
+    let s = Scratch::new();
+    let odd = Image::new("odd12", 299, 421, 1, 16, 12, false, "MONOCHROME2", 1, true);
+    for img in [mono2_12(), odd, rgb8(), mono2_12_smooth()] {
+        let out = s.convert(&img, "j2k", "gdcmconv", &["--j2k"]);
+        let frame = img.frames - 1;
+        for k in [1u32, 2] {
+            let r = k.to_string();
+            let reference = reference_decode(
+                &s,
+                &out,
+                frame as usize,
+                img.samples,
+                ("j2k", "opj_decompress", &["-r", &r]),
+            );
+            check_reduced(&out, frame, min_for(&img, k), reference, 0);
+        }
+    }
+}
+
+/// A minimum below the coarsest level stops at it: a codestream with 3 resolution levels
+/// (opj_compress -n 3) decodes at most 2 levels down, equal to `opj_decompress -r 2`; a
+/// minimum above the frame decodes it whole.
+#[test]
+fn jpeg_2000_reduced_stops_at_the_coarsest_level() {
+    let s = Scratch::new();
+    let img = grey8_smooth();
+    let pgm = s.path("grey8.pgm");
+    let mut bytes = format!("P5\n{} {}\n255\n", img.columns, img.rows).into_bytes();
+    bytes.extend(img.native_bytes(0..1));
+    std::fs::write(&pgm, bytes).unwrap();
+    let j2k = s.path("grey8.j2k");
+    run(
+        "opj_compress",
+        &[
+            "-i",
+            pgm.to_str().unwrap(),
+            "-o",
+            j2k.to_str().unwrap(),
+            "-n",
+            "3",
+        ],
+    );
+    let ts = "1.2.840.10008.1.2.4.90";
+    let dcm = s.path("grey8_3levels.dcm");
+    img.write_encapsulated(vec![std::fs::read(&j2k).unwrap()], ts, &dcm, img.header());
+    let reference = reference_decode(&s, &dcm, 0, 1, ("j2k", "opj_decompress", &["-r", "2"]));
+    let tiny = MinSize {
+        width: 1,
+        height: 1,
+    };
+    check_reduced(&dcm, 0, tiny, reference, 0);
+    let whole = (img.columns as usize, img.rows as usize, img.values.clone());
+    let above = MinSize {
+        width: img.columns + 1,
+        height: 1,
+    };
+    check_reduced(&dcm, 0, above, whole, 0);
+}
+
+/// HTJ2K (OpenJPH's encoder) decoded 1 and 2 levels down by OpenJPEG equals OpenJPH's
+/// own reduced decode (`ojph_expand -skip_res`).
+#[test]
+fn htj2k_reduced_equals_ojph_expand() {
+    let ts = "1.2.840.10008.1.2.4.201";
+    let s = Scratch::new();
+    let odd = Image::new("odd12", 299, 421, 1, 16, 12, false, "MONOCHROME2", 1, true);
+    for img in [mono2_12(), odd] {
+        let p = htj2k(&img, ts, &["-reversible", "true"], &s);
+        for k in [1u32, 2] {
+            let skip = format!("{k},{k}");
+            let reference =
+                reference_decode(&s, &p, 0, 1, ("j2c", "ojph_expand", &["-skip_res", &skip]));
+            check_reduced(&p, 0, min_for(&img, k), reference, 0);
+        }
+    }
+}
+
+/// 8-bit JPEG (dcmtk's encoder, grey and YBR_FULL_422 colour) decoded at 1/2, 1/4 and
+/// 1/8 equals libjpeg-turbo's `djpeg -scale`.
+#[test]
+fn jpeg_baseline_reduced_equals_djpeg_scale() {
+    let s = Scratch::new();
+    let odd = Image::new("odd8", 299, 421, 1, 8, 8, false, "MONOCHROME2", 1, true);
+    for img in [grey8_smooth(), odd, rgb8_smooth()] {
+        let out = s.convert(&img, "jpeg", "dcmcjpeg", &["+eb", "+q", "90"]);
+        for k in [1u32, 2, 3] {
+            let scale = format!("1/{}", 1 << k);
+            let reference = reference_decode(
+                &s,
+                &out,
+                0,
+                img.samples,
+                ("jpg", "djpeg", &["-scale", &scale]),
+            );
+            check_reduced(&out, 0, min_for(&img, k), reference, 0);
+        }
+    }
+}
+
+/// 12-bit JPEG has no reduced reference decoder here (Debian's djpeg is 8-bit only), so
+/// its 1/8 decode is held to what the scaled inverse DCT computes: each output sample is
+/// its 8x8 block's DC term, i.e. the block mean of the full decode before that decode
+/// rounds and clamps each sample; the two agree within 1 (rounding) on this image, which
+/// stays clear of the range's ends.
+#[test]
+fn jpeg_12bit_reduced_is_the_block_mean() {
+    let s = Scratch::new();
+    let img = mono2_12_smooth();
+    let out = s.convert(&img, "jpeg", "dcmcjpeg", &["+ee", "+q", "95"]);
+    let obj = OpenFileOptions::new().open_file(&out).unwrap();
+    let layout = layout(&obj);
+    let full = decode_frame(&obj, 0, &layout, &Limits::default()).unwrap();
+    let full = sample_values(&full.data, full.bits_allocated, 12, false);
+    let (w, h) = (img.columns as usize, img.rows as usize);
+    let (bw, bh) = (w.div_ceil(8), h.div_ceil(8));
+    // Blocks at the right and bottom edges are padded by the encoder: only whole ones count.
+    let mut means = vec![0; bw * bh];
+    for by in 0..bh {
+        for bx in 0..bw {
+            let mut sum = 0;
+            for y in by * 8..(by * 8 + 8).min(h) {
+                for x in bx * 8..(bx * 8 + 8).min(w) {
+                    sum += full[y * w + x];
+                }
+            }
+            let n = ((by * 8 + 8).min(h) - by * 8) * ((bx * 8 + 8).min(w) - bx * 8);
+            means[by * bw + bx] = if n == 64 {
+                (sum + 32).div_euclid(64)
+            } else {
+                -1
+            };
+        }
+    }
+    let raw =
+        decode_frame_at(&obj, 0, &layout, &Limits::default(), Some(min_for(&img, 3))).unwrap();
+    assert_eq!((raw.width, raw.height), (bw, bh));
+    let got = sample_values(&raw.data, raw.bits_allocated, 12, false);
+    let worst = got
+        .iter()
+        .zip(&means)
+        .filter(|(_, m)| **m >= 0)
+        .map(|(g, m)| (g - m).abs())
+        .max()
+        .unwrap();
+    assert!(
+        worst <= 1,
+        "1/8 decode differs from the block means by {worst}"
+    );
+}
+
+/// Syntaxes without a reduced decode (lossless JPEG, JPEG-LS, RLE, native) decode whole
+/// whatever the minimum.
+#[test]
+fn other_syntaxes_ignore_the_minimum() {
+    let s = Scratch::new();
+    let img = mono2_12();
+    for (tool, args) in [
+        ("dcmcjpeg", &["+e1"][..]),
+        ("dcmcjpls", &["+el"][..]),
+        ("dcmcrle", &[][..]),
+        ("dcmconv", &["+te"][..]),
+    ] {
+        let out = s.convert(&img, tool, tool, args);
+        let whole = (img.columns as usize, img.rows as usize, img.values.clone());
+        check_reduced(&out, 0, min_for(&img, 2), whole, 0);
+    }
+}
+
+/// Broken codestreams on the reduced path are refused like on the full one: truncated
+/// JPEG 2000 and JPEG, and a JPEG 2000 codestream whose size contradicts the header.
+#[test]
+fn reduced_decode_refuses_broken_codestreams() {
+    let s = Scratch::new();
+    let img = mono2_12();
+    let j2k = s.convert(&img, "j2k", "gdcmconv", &["--j2k"]);
+    let jpeg = s.convert(&grey8_smooth(), "jpeg", "dcmcjpeg", &["+eb"]);
+    let ts_j2k = "1.2.840.10008.1.2.4.90";
+    let full = codestream(&j2k, 0);
+    let cut = s.path("cut_j2k.dcm");
+    img.write_encapsulated(
+        vec![full[..full.len() / 2].to_vec()],
+        ts_j2k,
+        &cut,
+        img.header(),
+    );
+    let jpeg_stream = codestream(&jpeg, 0);
+    let cut_jpeg = s.path("cut_jpeg.dcm");
+    let g = grey8_smooth();
+    g.write_encapsulated(
+        vec![jpeg_stream[..jpeg_stream.len() / 2].to_vec()],
+        "1.2.840.10008.1.2.4.50",
+        &cut_jpeg,
+        g.header(),
+    );
+    let mut taller = img.clone();
+    taller.rows += 8;
+    let lying = s.path("lying_j2k.dcm");
+    taller.write_encapsulated(vec![full.clone()], ts_j2k, &lying, taller.header());
+    for (path, min) in [
+        (&cut, min_for(&img, 1)),
+        (&cut_jpeg, min_for(&g, 1)),
+        (&lying, min_for(&img, 1)),
+    ] {
+        let obj = OpenFileOptions::new().open_file(path).unwrap();
+        let err = decode_frame_at(&obj, 0, &layout(&obj), &Limits::default(), Some(min))
+            .expect_err("a broken codestream must not decode");
+        assert!(
+            matches!(err, fptserve::decode::DecodeError::Invalid(_)),
+            "{}: {err:?}",
+            path.display()
+        );
+    }
 }
 
 // --- refusals ---

@@ -4,7 +4,9 @@
 #   charls-sys and turbojpeg-sys build with cmake), nasm (libjpeg-turbo's SIMD; without it
 #   the build still works, JPEG decoding is just slower);
 # - for tests/dicom_syntaxes.rs: dcmtk (dcmconv, dcmcjpeg, dcmcrle, dcmcjpls), gdcm's
-#   command-line tools (gdcmconv) and openjph (ojph_compress, for HTJ2K);
+#   command-line tools (gdcmconv) and openjph (ojph_compress, for HTJ2K); the reference
+#   decoders of the reduced-resolution tests: OpenJPEG's opj_compress/opj_decompress
+#   (libopenjp2-tools), libjpeg-turbo's djpeg (libjpeg-turbo-progs), ojph_expand;
 # - for tests/python/test_observability.py: promtool (Debian's prometheus package), which
 #   checks the daemon's /metrics exposition (the server itself is never started);
 # - for tests/python/test_orthanc.py: Orthanc and its Python plugin (orthanc-python), which
@@ -24,6 +26,8 @@ declare -A wanted=(
   [dcmconv]=dcmtk
   [gdcmconv]=libgdcm-tools
   [ojph_compress]=openjph-tools
+  [opj_decompress]=libopenjp2-tools
+  [djpeg]=libjpeg-turbo-progs
   [promtool]=prometheus
   [openssl]=openssl
   [shellcheck]=shellcheck

@@ -34,15 +34,20 @@ fn run_inner(args: &DecodeArgs) -> Result<serde_json::Value, DecodeError> {
         .map_err(|e| DecodeError::Invalid(format!("cannot read {}: {e}", args.file.display())))?;
     let limits = Limits::default();
     let decoded = if crate::decode::is_dicom(&bytes) {
-        crate::decode::dicom::decode(&bytes, args.frame, &limits)?
+        crate::decode::dicom::decode(&bytes, args.frame, &limits, args.min_size)?
     } else {
         crate::decode::image::decode(&bytes, args.frame, &limits)?
     };
-    let (rows, columns) = (decoded.info.height as usize, decoded.info.width as usize);
+    let (rows, columns) = (
+        decoded.info.decoded_height as usize,
+        decoded.info.decoded_width as usize,
+    );
     let mut info = json!({
         "ok": true,
         "rows": rows,
         "columns": columns,
+        "full_rows": decoded.info.height,
+        "full_columns": decoded.info.width,
         "frames": decoded.info.frames,
         "frame": decoded.info.frame,
         "photometric_interpretation": decoded.info.color,

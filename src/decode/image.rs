@@ -54,6 +54,8 @@ pub fn decode(bytes: &[u8], frame: u32, limits: &Limits) -> Result<Decoded, Deco
         info: InputInfo {
             width: rgb.width,
             height: rgb.height,
+            decoded_width: rgb.width,
+            decoded_height: rgb.height,
             frames: 1,
             frame: 0,
             format: format.into(),

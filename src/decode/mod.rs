@@ -82,6 +82,11 @@ pub struct InputInfo {
     pub width: u32,
     /// Rows.
     pub height: u32,
+    /// Columns of the decoded frame: `width`, or fewer where a reduced-resolution decode
+    /// stopped at a coarser level (see [`codec::MinSize`]).
+    pub decoded_width: u32,
+    /// Rows of the decoded frame, likewise.
+    pub decoded_height: u32,
     /// Frames in the input.
     pub frames: u32,
     /// The frame used.

@@ -26,6 +26,7 @@ use self::cache::{CacheKey, FeatureCache};
 pub use self::call::{Abandoned, Call, CancelOnDrop};
 use self::stats::Stats;
 pub use self::stats::StatsSnapshot;
+use crate::decode::codec::MinSize;
 use crate::decode::{self, DecodeError, DicomIdentifiers, DicomPolicy, InputInfo, Limits};
 use crate::lifecycle::{Lifecycle, LoadError};
 use crate::metrics;
@@ -34,6 +35,7 @@ use crate::model::adapter::Adapter;
 use crate::model::backbone::{Backbone, Features};
 use crate::preprocess::{self, RgbImage};
 use crate::registry::{Registry, ResolveError, Snapshot};
+use crate::repository::manifest::DecodeResolution;
 
 /// How the engine schedules work.
 #[derive(Clone, Copy, Debug)]
@@ -358,6 +360,27 @@ impl Engine {
         }
     }
 
+    /// The smallest frame a call's tasks can use: their largest input size when every one
+    /// opted into reduced-resolution decoding, otherwise none (full resolution), so that
+    /// one decode serves every task at the finest resolution any of them needs.
+    fn min_decode_size(adapters: &[Arc<Adapter>]) -> Option<MinSize> {
+        let mut min = MinSize {
+            width: 0,
+            height: 0,
+        };
+        for adapter in adapters {
+            let pre = &adapter.manifest().preprocessing;
+            if pre.dicom.decode_resolution != DecodeResolution::Reduced {
+                return None;
+            }
+            let [bh, bw] = adapter.backbone().input_size();
+            let [sh, sw] = pre.side_size;
+            min.width = min.width.max(bw as u32).max(sw);
+            min.height = min.height.max(bh as u32).max(sh);
+        }
+        Some(min)
+    }
+
     /// Resolves a task reference, reloading an adapter evicted under the budget.
     fn resolve(&self, snapshot: &Snapshot, task: &str) -> Result<Arc<Adapter>, ClassifyError> {
         match snapshot.resolve(task) {
@@ -436,7 +459,12 @@ impl Engine {
         let t = Instant::now();
         let decoding = tracing::info_span!("decode").entered();
         let decoded = match &request.payload {
-            Payload::Dicom(bytes) => decode::dicom::decode(bytes, request.frame, &self.limits)?,
+            Payload::Dicom(bytes) => decode::dicom::decode(
+                bytes,
+                request.frame,
+                &self.limits,
+                Self::min_decode_size(&adapters),
+            )?,
             Payload::Image(bytes) => decode::image::decode(bytes, request.frame, &self.limits)?,
         };
         timings.decode_ms = ms(t);

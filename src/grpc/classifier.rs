@@ -73,6 +73,8 @@ fn to_proto(outcome: Outcome, request_id: String) -> pb::ClassifyResponse {
         input: Some(pb::InputInfo {
             width: outcome.input.width,
             height: outcome.input.height,
+            decoded_width: outcome.input.decoded_width,
+            decoded_height: outcome.input.decoded_height,
             frames: outcome.input.frames,
             frame: outcome.input.frame,
             format: outcome.input.format,

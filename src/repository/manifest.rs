@@ -164,6 +164,31 @@ pub struct DicomPreprocessing {
     /// Whether a request may replace the policy with its own.
     #[serde(default)]
     pub allow_request_override: bool,
+    /// At which resolution this task's DICOM frames may be decoded.
+    #[serde(default, skip_serializing_if = "DecodeResolution::is_full")]
+    pub decode_resolution: DecodeResolution,
+}
+
+/// At which resolution a task's DICOM frames are decoded (`decode_resolution`).
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum DecodeResolution {
+    /// Every pixel of the stored frame (the default).
+    #[default]
+    Full,
+    /// JPEG 2000, HTJ2K and DCT-based JPEG frames decode at the coarsest resolution their
+    /// codec offers (wavelet levels; 1/2, 1/4, 1/8 DCT scaling) whose sides are at least
+    /// the task's largest input size (backbone or side network), then resize as usual. A
+    /// trainer that opts in renders its training images the same way
+    /// (`fptserve decode --min-size`). Other syntaxes decode fully.
+    Reduced,
+}
+
+impl DecodeResolution {
+    /// True for [`DecodeResolution::Full`].
+    pub fn is_full(&self) -> bool {
+        *self == DecodeResolution::Full
+    }
 }
 
 /// `tasks/<task>/<version>/manifest.json`.

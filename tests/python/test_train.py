@@ -108,9 +108,9 @@ def classify(stub, pb, data: bytes, task: str, dicom: bool = False):
     return stub.Classify(pb.ClassifyRequest(tasks=[task], **kind), timeout=60).results[0]
 
 
-def decode_display(path: Path) -> np.ndarray:
+def decode_display(path: Path, *extra: str) -> np.ndarray:
     out = path.with_suffix(".display.npy")
-    proc = subprocess.run([str(BINARY), "decode", str(path), "--output", "display", "--npy", str(out)],
+    proc = subprocess.run([str(BINARY), "decode", str(path), "--output", "display", "--npy", str(out), *extra],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     arr = np.load(out)
@@ -389,6 +389,49 @@ def test_daemon_answers_dicom_with_the_trained_probabilities(dicom_run, stubs, p
     clear = margins >= SELECTION_MARGIN
     assert clear.sum() >= 0.8 * len(val), f"only {clear.sum()}/{len(val)} files clear of top-k ties"
     assert np.abs(got[clear] - expected[clear]).max() <= TOL
+
+
+def test_reduced_resolution_training_renders_as_the_daemon_serves(tmp_path, stubs):
+    """--decode-resolution reduced: the manifest records it, training renders each J2K / JPEG
+    file at the coarsest resolution at least the task's largest input (300 -> 75 for the demo
+    backbone's 64), exactly as `fptserve decode --min-size 64` and the daemon decode it."""
+    rng = np.random.default_rng(3)
+    size, reduced = 300, 75
+    for split, per_class in (("train", 4), ("val", 2)):
+        for cls in ("horizontal", "vertical"):
+            (tmp_path / "data" / split / cls).mkdir(parents=True)
+            for i in range(per_class):
+                grey = np.asarray(Image.fromarray(np.uint8(grey_pattern(cls, rng) * 255)).resize((size, size))) / 255.0
+                syntax = ("j2k", "jpeg-baseline")[i % 2]
+                write_dicom(tmp_path / "data" / split / cls / f"{cls}-{i}-{syntax}.dcm", grey, syntax, i)
+    repo = new_repository(tmp_path)
+    result = train(options(repo, tmp_path / "data", "reduced-task", "1", epochs=2, batch_size=4,
+                           kv_cache_dtype="float32", work_dir=tmp_path / "work",
+                           dicom={"voi": "auto", "decode_resolution": "reduced"}))
+    m = result.manifest
+    assert m["preprocessing"]["dicom"] == {"voi": "auto", "decode_resolution": "reduced"}
+    assert m["training"]["data"]["decoder"]["min_size"] == 64
+    kv = KVCache(result.kv_cache, json.loads((result.kv_cache / "meta.json").read_text()))
+    session = ort_session(repo / "backbones" / DEMO_BACKBONE.name / "backbone.onnx")
+    pb, pb_grpc, _, _ = stubs
+    daemon = Daemon(repository=repo)
+    try:
+        with grpc.insecure_channel(daemon.addr) as channel:
+            client = pb_grpc.ClassifierStub(channel)
+            for i, entry in enumerate(result.dataset.entries):
+                rgb = decode_display(entry.path, "--min-size", "64")
+                assert rgb.shape == (reduced, reduced, 3), entry.rel
+                x = normalize(resize_u8(Image.fromarray(rgb, "RGB"), m["preprocessing"]["backbone_size"]),
+                              m["preprocessing"]["mean"], m["preprocessing"]["std"])
+                k, v = session.run(["key_states", "value_states"], {"pixel_values": x[None]})
+                ck, cv = kv.read([i])
+                assert np.array_equal(ck, k) and np.array_equal(cv, v), entry.rel
+                served = client.Classify(pb.ClassifyRequest(tasks=["reduced-task"], dicom=entry.path.read_bytes()),
+                                         timeout=60)
+                assert (served.input.decoded_width, served.input.decoded_height) == (reduced, reduced), entry.rel
+    finally:
+        kv.close()
+        daemon.proc.kill()
 
 
 # --------------------------------------------------------------------------------------------

@@ -125,7 +125,8 @@ def cmd_train(args) -> None:
               if getattr(args, "side_" + k) is not None},
         decoder=args.decoder, fptserve_bin=path(args.fptserve),
         dicom={"voi": args.voi, "window_center": args.window_center, "window_width": args.window_width,
-               "voi_function": args.voi_function, "allow_request_override": args.allow_request_override},
+               "voi_function": args.voi_function, "allow_request_override": args.allow_request_override,
+               "decode_resolution": args.decode_resolution},
         hf_dir=path(args.hf_dir), publish=args.publish, publish_mode=args.publish_mode,
         make_default=args.make_default, admin_token_file=path(args.admin_token_file), tls_ca=path(args.tls_ca),
         tls_cert=path(args.tls_cert), tls_key=path(args.tls_key), tls_server_name=args.tls_server_name,
@@ -272,6 +273,9 @@ def build_parser() -> argparse.ArgumentParser:
     p2.add_argument("--window-width", type=float, help="window width for --voi window")
     p2.add_argument("--voi-function", choices=["linear", "linear_exact", "sigmoid"], help="VOI function for --voi window (default linear)")
     p2.add_argument("--allow-request-override", action="store_true", help="let requests replace the task's DICOM pixel policy")
+    p2.add_argument("--decode-resolution", choices=["full", "reduced"], default="full",
+                    help="reduced: JPEG 2000/HTJ2K/JPEG DICOM frames decode at the coarsest resolution at least the "
+                         "task's input size, in training and when served (default full)")
     s2 = t.add_argument_group("side network")
     s2.add_argument("--side-preset", choices=sorted(SIDE_PRESETS), default="paper",
                     help="architecture (paper: width 96, 12 heads, MLP 384, patch 16, input 128, 16 prompts; its layers = the backbone's layers used)")

@@ -241,6 +241,9 @@ def scan_dataset(root: str | Path, val_fraction: float = 0.2, seed: int = 0) -> 
 
 VOI_POLICIES = ("auto", "window", "minmax")
 VOI_FUNCTIONS = ("linear", "linear_exact", "sigmoid")
+# full: every stored pixel; reduced: JPEG 2000 / HTJ2K / DCT JPEG frames decode at the coarsest
+# resolution whose sides are at least the task's largest input size (README: DICOM).
+DECODE_RESOLUTIONS = ("full", "reduced")
 
 
 def dicom_policy(
@@ -249,8 +252,11 @@ def dicom_policy(
     window_width: float | None = None,
     voi_function: str | None = None,
     allow_request_override: bool = False,
+    decode_resolution: str = "full",
 ) -> dict[str, Any]:
     """The task's DICOM pixel policy, spelled as manifests spell it (README: DICOM)."""
+    if decode_resolution not in DECODE_RESOLUTIONS:
+        raise DataError(f"--decode-resolution {decode_resolution!r}: use full or reduced")
     if voi not in VOI_POLICIES:
         raise DataError(f"--voi {voi!r}: use auto, window or minmax")
     policy: dict[str, Any] = {"voi": voi}
@@ -267,6 +273,8 @@ def dicom_policy(
         raise DataError(f"--window-center / --window-width / --voi-function need --voi window (not {voi})")
     if allow_request_override:
         policy["allow_request_override"] = True
+    if decode_resolution != "full":
+        policy["decode_resolution"] = decode_resolution
     return policy
 
 
@@ -292,7 +300,10 @@ class Decoder:
     ``pil``: PIL `convert('RGB')` for PNG/JPEG/TIFF (the authors' loader; the daemon follows
     its rules, but JPEG decoders may round differently); DICOM then needs the binary."""
 
-    def __init__(self, mode: str, binary: Path | None, policy: dict[str, Any]):
+    def __init__(self, mode: str, binary: Path | None, policy: dict[str, Any], min_size: int | None = None):
+        """``min_size``: the task's largest input size; with ``decode_resolution: reduced`` in
+        the policy, DICOM frames decode at the coarsest resolution at least that big, as the
+        daemon decodes them for this task."""
         if mode not in ("fptserve", "pil"):
             raise DataError(f"decoder {mode!r}: use fptserve or pil")
         if mode == "fptserve" and binary is None:
@@ -303,11 +314,15 @@ class Decoder:
         self.mode = mode
         self.binary = binary
         self.policy = policy
+        self.min_size = min_size if policy.get("decode_resolution") == "reduced" else None
         self.binary_sha256 = sha256_path(binary) if (binary is not None and mode == "fptserve") else None
 
     def describe(self) -> dict[str, Any]:
         if self.mode == "fptserve":
-            return {"name": "fptserve decode --output display", "binary_sha256": self.binary_sha256}
+            described = {"name": "fptserve decode --output display", "binary_sha256": self.binary_sha256}
+            if self.min_size is not None:
+                described["min_size"] = self.min_size
+            return described
         return {"name": "PIL convert('RGB')", "pillow": PIL.__version__}
 
     def policy_args(self) -> list[str]:
@@ -316,6 +331,8 @@ class Decoder:
         if p["voi"] == "window":
             args += ["--window-center", repr(p["window_center"]), "--window-width", repr(p["window_width"]),
                      "--voi-function", p["voi_function"]]
+        if self.min_size is not None:
+            args += ["--min-size", str(self.min_size)]
         return args
 
     def decode(self, entry: Entry, scratch: Path) -> np.ndarray:

@@ -400,7 +400,8 @@ def train(opts: TrainOptions, hook: Callable[[str, dict], None] | None = None) -
             f"(copy {opts.backbone}) before it can load the new adapter"
         )
     policy = dicom_policy(**{k: opts.dicom.get(k) for k in ("voi", "window_center", "window_width", "voi_function")},
-                          allow_request_override=bool(opts.dicom.get("allow_request_override")))
+                          allow_request_override=bool(opts.dicom.get("allow_request_override")),
+                          decode_resolution=opts.dicom.get("decode_resolution") or "full")
     binary = find_fptserve(opts.fptserve_bin)
     mode = opts.decoder if opts.decoder != "auto" else ("fptserve" if binary is not None else "pil")
     try:
@@ -426,7 +427,7 @@ def _train(run: _Run, opts: TrainOptions, target: Path, bmanifest: dict[str, Any
     dataset = scan_dataset(opts.data, opts.val_fraction, opts.seed)
     run.times["scan"] = time.monotonic() - t0
     side_config = side_config_for(bconfig, opts, len(dataset.classes))
-    decoder = Decoder(mode, binary, policy)
+    decoder = Decoder(mode, binary, policy, min_size=max(bconfig.image_size, side_config.image_size))
     if mode == "pil" and any(e.kind == "dicom" for e in dataset.entries):
         first = next(e for e in dataset.entries if e.kind == "dicom")
         raise DataError(

@@ -9,11 +9,12 @@ use std::sync::Mutex;
 use openjpeg_sys as opj;
 
 use super::output::Shape;
-use super::{FrameLayout, RawFrame};
+use super::{FrameLayout, MinSize, RawFrame, budget};
 use crate::decode::DecodeError;
 
-/// OpenJPEG worker threads per frame: tile-component decoding parallelises well, and a
-/// 3000 x 3000 lossy frame takes over a second on one core.
+/// OpenJPEG worker threads per frame at most: code-block decoding parallelises well, and a
+/// 3000 x 3000 lossless frame takes over a second on one core. Fewer when other frames are
+/// decoding ([`budget::threads`]).
 const MAX_THREADS: usize = 4;
 
 /// The compressed bytes and the read position OpenJPEG's stream callbacks work on.
@@ -98,11 +99,13 @@ impl Drop for Session {
     }
 }
 
-/// Decodes one JPEG 2000 or HTJ2K frame.
+/// Decodes one JPEG 2000 or HTJ2K frame, dropping as many of the finest wavelet levels as
+/// `min` allows (each one halves the frame; OpenJPEG then skips their code-blocks).
 pub(super) fn decode(
     stream: &[u8],
     layout: &FrameLayout,
     shape: &Shape,
+    min: Option<MinSize>,
 ) -> Result<RawFrame, DecodeError> {
     // Some encoders wrap the codestream in a JP2 file, which DICOM forbids but readers accept.
     let format = if stream.starts_with(&[0, 0, 0, 0x0C, 0x6A, 0x50, 0x20, 0x20]) {
@@ -128,7 +131,7 @@ pub(super) fn decode(
         stream: std::ptr::null_mut(),
         image: std::ptr::null_mut(),
     };
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(MAX_THREADS));
+    let threads = budget::threads(MAX_THREADS);
     // SAFETY: every pointer handed to OpenJPEG (reader, log, image out-pointer) lives until
     // `s` is dropped at the end of this function, after the last OpenJPEG call.
     unsafe {
@@ -179,8 +182,24 @@ pub(super) fn decode(
             c.dx, c.dy
         )));
     }
+    // Levels are only dropped for an image at the origin (DICOM's always are), where
+    // each one halves the sides rounding up, which is what `Shape::halved` computes.
+    let levels = if image.x0 == 0 && image.y0 == 0 {
+        // SAFETY: the codec has read the main header.
+        unsafe { resolution_levels(s.codec) }
+    } else {
+        1
+    };
+    let halvings = shape.halvings(min, levels.saturating_sub(1));
+    let shape = &shape.halved(halvings);
     // SAFETY: as above; the image pointer stays owned by `s`.
     unsafe {
+        if halvings > 0 && opj::opj_set_decoded_resolution_factor(s.codec, halvings) == 0 {
+            return Err(failed(
+                "cannot decode JPEG 2000 at a lower resolution",
+                &log,
+            ));
+        }
         if opj::opj_decode(s.codec, s.stream, s.image) == 0 {
             return Err(failed("corrupt or truncated JPEG 2000 data", &log));
         }
@@ -191,6 +210,23 @@ pub(super) fn decode(
     let n = shape.pixels();
     let mut out = vec![0u8; shape.frame_bytes()];
     let (samples, bytes) = (shape.samples, shape.bytes);
+    // A coarser level is a low-pass approximation that can overshoot the stored range
+    // near edges (level 4 of a 10-bit radiograph reaches 1075): it saturates at the
+    // range's ends instead of wrapping when the pixel pipeline masks it to Bits Stored.
+    let (lo, hi) = if halvings == 0 {
+        (i32::MIN, i32::MAX)
+    } else {
+        let bits = u32::from(layout.bits_stored.clamp(1, 32));
+        let (lo, hi) = if layout.signed {
+            (-(1i64 << (bits - 1)), (1i64 << (bits - 1)) - 1)
+        } else {
+            (0, (1i64 << bits) - 1)
+        };
+        (
+            lo.max(i64::from(i32::MIN)) as i32,
+            hi.min(i64::from(i32::MAX)) as i32,
+        )
+    };
     for (c, comp) in comps.iter().enumerate() {
         if comp.data.is_null() || comp.w as usize != shape.width || comp.h as usize != shape.height
         {
@@ -202,6 +238,7 @@ pub(super) fn decode(
         // SAFETY: OpenJPEG allocated w x h samples for this component, checked above.
         let values = unsafe { std::slice::from_raw_parts(comp.data, n) };
         for (i, &v) in values.iter().enumerate() {
+            let v = v.clamp(lo, hi);
             let at = (i * samples + c) * bytes;
             // Two's complement in the output width: signed components come out negative.
             out[at..at + bytes].copy_from_slice(&v.to_le_bytes()[..bytes]);
@@ -215,10 +252,40 @@ pub(super) fn decode(
         layout.photometric.clone()
     };
     Ok(RawFrame {
+        width: shape.width,
+        height: shape.height,
         data: out,
         bits_allocated: shape.bits(),
         photometric,
     })
+}
+
+/// The fewest resolution levels (wavelet decompositions + 1) any component's default
+/// coding style has: the main header's COD and COC markers. A tile header that codes
+/// fewer makes OpenJPEG refuse the reduced decode, which is reported as invalid data.
+///
+/// # Safety
+/// `codec` must be a decoder that has read the main header.
+unsafe fn resolution_levels(codec: *mut opj::opj_codec_t) -> u32 {
+    // SAFETY: per the function's contract; the info is freed before returning.
+    unsafe {
+        let mut info = opj::opj_get_cstr_info(codec);
+        if info.is_null() {
+            return 1;
+        }
+        let tile = &(*info).m_default_tile_info;
+        let levels = if tile.tccp_info.is_null() {
+            1
+        } else {
+            std::slice::from_raw_parts(tile.tccp_info, (*info).nbcomps as usize)
+                .iter()
+                .map(|c| c.numresolutions)
+                .min()
+                .unwrap_or(1)
+        };
+        opj::opj_destroy_cstr_info(&mut info);
+        levels.max(1)
+    }
 }
 
 /// The image's components as a slice.

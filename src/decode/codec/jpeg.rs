@@ -7,7 +7,7 @@ use std::ffi::CStr;
 use turbojpeg_sys as tj;
 
 use super::output::{Shape, widen};
-use super::{FrameLayout, RawFrame};
+use super::{FrameLayout, MinSize, RawFrame};
 use crate::decode::DecodeError;
 
 /// Progressive scans above this are refused: a crafted file with thousands of tiny scans
@@ -61,11 +61,17 @@ impl Handle {
     }
 }
 
-/// Decodes one JPEG frame.
+/// The most a DCT-based frame is scaled down: libjpeg's reduced inverse DCTs go to 1/8
+/// (one sample per 8x8 block).
+const MAX_HALVINGS: u32 = 3;
+
+/// Decodes one JPEG frame; a DCT-based one (not lossless) at 1/2, 1/4 or 1/8 of its size
+/// where `min` allows, with libjpeg's scaled inverse DCT (what `djpeg -scale` does).
 pub(super) fn decode(
     stream: &[u8],
     layout: &FrameLayout,
     shape: &Shape,
+    min: Option<MinSize>,
 ) -> Result<RawFrame, DecodeError> {
     // libjpeg guesses the colour space of a 3-component stream without a JFIF or Adobe
     // marker from the component IDs, and takes anything but 'R','G','B' for YCbCr. DICOM
@@ -114,9 +120,30 @@ pub(super) fn decode(
         components,
         precision.max(0) as u32,
     )?;
-    // Past this point the output is exactly the header's frame: TurboJPEG writes
-    // width x height x components samples at the default pitch.
     h.set(tj::TJPARAM_TJPARAM_MAXPIXELS, width.saturating_mul(height));
+    let lossless = h.get(tj::TJPARAM_TJPARAM_LOSSLESS) == 1;
+    let halvings = if lossless {
+        0
+    } else {
+        shape.halvings(min, MAX_HALVINGS)
+    };
+    if halvings > 0 {
+        let factor = tj::tjscalingfactor {
+            num: 1,
+            denom: 1 << halvings,
+        };
+        // SAFETY: valid handle; 1/2, 1/4 and 1/8 are among TurboJPEG's factors.
+        if unsafe { tj::tj3SetScalingFactor(h.0, factor) } != 0 {
+            return Err(DecodeError::Invalid(format!(
+                "cannot scale the JPEG: {}",
+                h.error()
+            )));
+        }
+    }
+    // Past this point the output is exactly the header's frame (scaled, rounding up, as
+    // TJSCALED does): TurboJPEG writes width x height x components samples at the
+    // default pitch.
+    let shape = &shape.halved(halvings);
     let format = if components == 1 {
         tj::TJPF_TJPF_GRAY
     } else {
@@ -178,6 +205,8 @@ pub(super) fn decode(
         layout.photometric.clone()
     };
     Ok(RawFrame {
+        width: shape.width,
+        height: shape.height,
         data,
         bits_allocated: shape.bits(),
         photometric,

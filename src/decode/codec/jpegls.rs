@@ -124,6 +124,8 @@ pub(super) fn decode(
         buf = interleave(&buf, &sample_shape);
     }
     Ok(RawFrame {
+        width: shape.width,
+        height: shape.height,
         data: widen(buf, codec_bytes, shape),
         bits_allocated: shape.bits(),
         photometric: layout.photometric.clone(),

@@ -15,6 +15,7 @@
 //! Limits: the caller checks rows x columns x samples against [`Limits`] from the header
 //! before calling; [`decode_frame`] checks again, so it is safe on its own.
 
+mod budget;
 mod fragments;
 mod j2k;
 mod jpeg;
@@ -53,6 +54,18 @@ pub struct FrameLayout {
     pub frames: u32,
 }
 
+/// The smallest frame a caller can use. Codecs that can decode at lower resolutions
+/// (JPEG 2000 and HTJ2K by dropping wavelet levels, DCT-based JPEG by scaling its inverse
+/// DCT to 1/2, 1/4 or 1/8) stop at the coarsest such resolution whose sides are both at
+/// least this big; every other codec decodes the full frame.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MinSize {
+    /// Columns.
+    pub width: u32,
+    /// Rows.
+    pub height: u32,
+}
+
 /// One decoded frame, before any pixel-value transform.
 #[derive(Clone, Debug)]
 pub struct RawFrame {
@@ -69,17 +82,34 @@ pub struct RawFrame {
     pub data: Vec<u8>,
     /// Width of one sample in `data`: 8, 16 or 32.
     pub bits_allocated: u16,
+    /// Columns of `data`: the header's, unless a [`MinSize`] let the codec decode at a
+    /// lower resolution.
+    pub width: usize,
+    /// Rows of `data`, likewise.
+    pub height: usize,
     /// Photometric interpretation of `data`: the header's, unless the codec converted
     /// colour (a JPEG decoder that outputs RGB from YBR_FULL_422 says `RGB`).
     pub photometric: String,
 }
 
-/// Decodes frame `frame` (0-based) of `obj`, whose header is `layout`.
+/// Decodes frame `frame` (0-based) of `obj`, whose header is `layout`, at full resolution.
 pub fn decode_frame(
     obj: &DefaultDicomObject,
     frame: u32,
     layout: &FrameLayout,
     limits: &Limits,
+) -> Result<RawFrame, DecodeError> {
+    decode_frame_at(obj, frame, layout, limits, None)
+}
+
+/// Decodes frame `frame` (0-based) of `obj`, at a lower resolution where the codec can and
+/// `min` allows it (see [`MinSize`]; `None`: full resolution).
+pub fn decode_frame_at(
+    obj: &DefaultDicomObject,
+    frame: u32,
+    layout: &FrameLayout,
+    limits: &Limits,
+    min: Option<MinSize>,
 ) -> Result<RawFrame, DecodeError> {
     let ts_uid = obj.meta().transfer_syntax().trim_end_matches(['\0', ' ']);
     if frame >= layout.frames.max(1) {
@@ -89,6 +119,7 @@ pub fn decode_frame(
         });
     }
     let shape = output::Shape::new(layout, limits)?;
+    let _decoding = budget::InFlight::enter();
     let syntax = Syntax::from_uid(ts_uid);
     if let Syntax::Unknown = syntax {
         return Err(DecodeError::Unsupported(format!(
@@ -109,9 +140,9 @@ pub fn decode_frame(
     let raw = match syntax {
         Syntax::EncapsulatedUncompressed => native::decode_bytes(&stream, 0, layout, &shape),
         Syntax::Rle => rle::decode(&stream, layout, &shape),
-        Syntax::Jpeg => jpeg::decode(&stream, layout, &shape),
+        Syntax::Jpeg => jpeg::decode(&stream, layout, &shape, min),
         Syntax::JpegLs => jpegls::decode(&stream, layout, &shape),
-        Syntax::J2k => j2k::decode(&stream, layout, &shape),
+        Syntax::J2k => j2k::decode(&stream, layout, &shape, min),
         Syntax::Native | Syntax::Unknown => unreachable!("handled above"),
     };
     // Name the syntax in every codec error: "bad Huffman code" alone does not tell a PACS

@@ -142,6 +142,8 @@ fn subsampled_422(
         .get(start..start + size)
         .ok_or_else(|| short(data.len(), frame, start + size))?;
     Ok(RawFrame {
+        width: shape.width,
+        height: shape.height,
         data: stored.to_vec(),
         bits_allocated: shape.bits(),
         photometric: layout.photometric.clone(),
@@ -171,6 +173,8 @@ pub(super) fn decode_bytes(
         }
     };
     Ok(RawFrame {
+        width: shape.width,
+        height: shape.height,
         data: out,
         bits_allocated: shape.bits(),
         photometric: layout.photometric.clone(),

@@ -1,7 +1,7 @@
 //! The output frame's shape, fixed from the header before any codec runs, and the checks
 //! that hold every codec to it.
 
-use super::{FrameLayout, Limits};
+use super::{FrameLayout, Limits, MinSize};
 use crate::decode::{DecodeError, check_size};
 
 /// Size of one decoded frame as the header declares it.
@@ -71,6 +71,30 @@ impl Shape {
     /// Bytes of one decoded frame: the most any decoder here allocates for its output.
     pub(super) fn frame_bytes(&self) -> usize {
         self.sample_count() * self.bytes
+    }
+
+    /// How many times a codec that decodes at lower resolutions (each one halving both
+    /// sides, rounding up) may halve this frame, at most `max`, and keep both sides at
+    /// least `min`'s: the coarsest resolution still fine enough for the caller.
+    pub(super) fn halvings(&self, min: Option<MinSize>, max: u32) -> u32 {
+        let Some(min) = min else { return 0 };
+        (0..=max.min(16))
+            .take_while(|&k| {
+                let h = self.halved(k);
+                h.width >= min.width as usize && h.height >= min.height as usize
+            })
+            .last()
+            .unwrap_or(0)
+    }
+
+    /// This frame halved `k` times: ceil(side / 2^k), as both JPEG 2000 (resolution
+    /// levels of an image at the origin) and JPEG's DCT scaling round.
+    pub(super) fn halved(&self, k: u32) -> Shape {
+        Shape {
+            width: self.width.div_ceil(1 << k),
+            height: self.height.div_ceil(1 << k),
+            ..*self
+        }
     }
 
     /// Output sample width in bits, as [`super::RawFrame::bits_allocated`] reports it.

@@ -65,6 +65,8 @@ pub(super) fn decode(
         })?;
     }
     Ok(RawFrame {
+        width: shape.width,
+        height: shape.height,
         data: out,
         bits_allocated: shape.bits(),
         photometric: layout.photometric.clone(),

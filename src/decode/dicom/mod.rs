@@ -20,7 +20,7 @@ use dicom_transfer_syntax_registry::TransferSyntaxRegistry;
 use self::attributes::{element, string, uint};
 pub use self::frame::{ColourFrame, Frame, GreyFrame, Samples};
 use self::luts::{file_voi, modality_lut, palette};
-use super::codec::{self, FrameLayout};
+use super::codec::{self, FrameLayout, MinSize};
 use super::photometric;
 use super::scan::{self, Checked};
 use super::{DecodeError, Decoded, DicomIdentifiers, InputInfo, Limits, Pixels, check_size};
@@ -160,8 +160,14 @@ fn part10_body(bytes: &[u8]) -> Result<&[u8], DecodeError> {
         })
 }
 
-/// Reads the file and decodes frame `frame`.
-pub fn decode(bytes: &[u8], frame: u32, limits: &Limits) -> Result<Decoded, DecodeError> {
+/// Reads the file and decodes frame `frame`, at a lower resolution where its codec can
+/// and `min` allows (see [`MinSize`]; `None`: full resolution).
+pub fn decode(
+    bytes: &[u8],
+    frame: u32,
+    limits: &Limits,
+    min: Option<MinSize>,
+) -> Result<Decoded, DecodeError> {
     let obj = parse(bytes)?;
     let ts_uid = obj
         .meta()
@@ -207,7 +213,14 @@ pub fn decode(bytes: &[u8], frame: u32, limits: &Limits) -> Result<Decoded, Deco
         });
     }
 
-    let raw = codec::decode_frame(&obj, frame, &layout, limits)?;
+    let raw = codec::decode_frame_at(&obj, frame, &layout, limits, min)?;
+    let (full_width, full_height) = (layout.columns, layout.rows);
+    // From here on the frame is what was decoded, which a reduced decode made smaller.
+    let layout = FrameLayout {
+        columns: raw.width as u32,
+        rows: raw.height as u32,
+        ..layout
+    };
     let stored = photometric::stored_values(&raw, &layout)?;
     let (samples, photometric) = match raw.photometric.as_str() {
         "MONOCHROME1" | "MONOCHROME2" => (
@@ -243,8 +256,10 @@ pub fn decode(bytes: &[u8], frame: u32, limits: &Limits) -> Result<Decoded, Deco
     };
     Ok(Decoded {
         info: InputInfo {
-            width: layout.columns,
-            height: layout.rows,
+            width: full_width,
+            height: full_height,
+            decoded_width: layout.columns,
+            decoded_height: layout.rows,
             frames: layout.frames,
             frame,
             format: "dicom".into(),
