@@ -443,6 +443,9 @@ def decode_preprocess(s: Settings) -> Section:
     t = s.template
     pre = t.manifest["preprocessing"]
     sizes = sorted({pre["backbone_size"][0], pre["side_size"][0]}, reverse=True)
+    # the same models, each task also as a copy that opts into reduced-resolution decoding
+    repository = repos.reduced_repository(s.work, t.repository)
+    reduced_spec = f"{t.task}{repos.REDUCED_SUFFIX}@{t.version}"
 
     def python_path(blob: bytes) -> tuple[float, float]:
         start = time.perf_counter()
@@ -452,15 +455,20 @@ def decode_preprocess(s: Settings) -> Section:
             peer.preprocess(rgb, size, pre["mean"], pre["std"])
         return decoded - start, time.perf_counter() - decoded
 
-    rows, raw = [], {}
-    with Fptserve(s.binary, t.repository, s.threads) as server:
+    def stages(responses) -> tuple[list[float], list[float]]:
+        return ([r.timings.decode_ms / 1e3 for r in responses], [r.timings.preprocess_ms / 1e3 for r in responses])
+
+    rows, reduced_rows, raw, benchmark_inputs = [], [], {}, []
+    with Fptserve(s.binary, repository, s.threads) as server:
         client = Client(server.addr, s.stubs)
         for syntax in data.SYNTAXES:
             blob = data.dicom_file(s.work, s.decode_size, syntax).read_bytes()
+            reduced = syntax.uid in data.REDUCED_UIDS
             warm(lambda: (client.classify(blob, [t.spec]), python_path(blob)), s.warmup)
-            timings = block(lambda: client.classify(blob, [t.spec]).timings, s.repeats)
-            ours_d = [x.decode_ms / 1e3 for x in timings]
-            ours_p = [x.preprocess_ms / 1e3 for x in timings]
+            if reduced:
+                warm(lambda: client.classify(blob, [reduced_spec]), s.warmup)
+                benchmark_inputs.append((f"benchmark {syntax.name}", blob, 0))
+            ours_d, ours_p = stages(block(lambda: client.classify(blob, [t.spec]), s.repeats))
             python = block(lambda: python_path(blob), s.repeats)
             py_d = [d for d, _ in python]
             py_p = [p for _, p in python]
@@ -472,7 +480,20 @@ def decode_preprocess(s: Settings) -> Section:
                                 "speedup": speedup}
             rows.append([syntax.name, f"{len(blob) / MiB:.1f}", ms(stats(ours_d)), ms(stats(ours_p)), ms(ours_total),
                          ms(stats(py_d)), ms(stats(py_p)), ms(py_total), f"**{speedup:.2f}**"])
+            if reduced:
+                responses = block(lambda: client.classify(blob, [reduced_spec]), s.repeats)
+                red_d, red_p = stages(responses)
+                red_total = stats([a + b for a, b in zip(red_d, red_p)])
+                red_speedup = py_total["median"] / red_total["median"]
+                at = responses[0].input
+                raw[syntax.name].update(reduced_decode=red_d, reduced_preprocess=red_p, reduced_speedup=red_speedup,
+                                        decoded_at=[at.decoded_width, at.decoded_height])
+                reduced_rows.append([syntax.name, f"{at.decoded_width}x{at.decoded_height}", ms(stats(red_d)),
+                                     ms(stats(red_p)), ms(red_total), ms(py_total), f"**{red_speedup:.2f}**",
+                                     f"{ours_total['median'] / red_total['median']:.1f}"])
+        fidelity = reduced_fidelity(client, repository, benchmark_inputs + data.pydicom_reduced_inputs())
         client.close()
+    raw["reduced_fidelity"] = fidelity
     md = f"""\
 {s.decode_size}x{s.decode_size} MONOCHROME2 images (12 bits stored; the JPEG Baseline file 8 bits), made
 by dcmtk, GDCM and OpenJPH, decoded and prepared for {t.spec}: window from the header to 8 bits, RGB,
@@ -484,8 +505,116 @@ PIL resizes, normalisation). {s.repeats} repetitions after {s.warmup} warm-up; m
 
 {table(["transfer syntax", "MiB", "fptserve decode", "fptserve preprocess", "fptserve total",
         "pydicom decode", "numpy+PIL preprocess", "Python total", "speed-up"], rows)}
+
+**Reduced-resolution path** (the task's copy with `decode_resolution: reduced`, same files, same run): the
+frame decodes at the coarsest JPEG 2000 level / JPEG DCT scale whose sides are at least
+{max(sizes)}, then resizes as usual. "vs exact" is fptserve's exact total over its reduced total; the
+speed-up is against the same pydicom + PIL path as above (which decodes every pixel).
+
+{table(["transfer syntax", "decoded at", "decode", "preprocess", "total", "Python total",
+        "speed-up vs pydicom", "vs exact"], reduced_rows)}
+
+{fidelity_text(fidelity)}
 """
     return Section("4. Decode and preprocess per transfer syntax", md, raw)
+
+
+def reduced_fidelity(client: Client, repository: Path, inputs: list[tuple[str, bytes, int]]) -> dict:
+    """Every task of `repository` on every input, exact and reduced: the largest probability
+    change and how often the label agrees, over the inputs the reduced path decoded smaller."""
+    pairs = repos.reduced_pairs(repository)
+    exact, reduced = [a for a, _ in pairs], [b for _, b in pairs]
+    worst, agree, compared, unchanged, refused, cases = 0.0, 0, 0, 0, [], []
+    for name, blob, frame in inputs:
+        try:
+            a = client.classify(blob, exact, frame)
+            b = client.classify(blob, reduced, frame)
+        except grpc.RpcError as e:
+            refused.append(f"{name} frame {frame}: {e.code().name}")
+            continue
+        info = b.input
+        if (info.decoded_width, info.decoded_height) == (info.width, info.height):
+            unchanged += 1
+            continue
+        changes = []
+        for ra, rb in zip(a.results, b.results):
+            pa = np.array([x.probability for x in ra.scores])
+            pb = np.array([x.probability for x in rb.scores])
+            changes.append(float(np.abs(pa - pb).max()))
+            agree += ra.label == rb.label
+            compared += 1
+        worst = max(worst, *changes)
+        cases.append({"input": name, "frame": frame, "size": [info.width, info.height],
+                      "decoded_at": [info.decoded_width, info.decoded_height], "color": info.color,
+                      "max_probability_change": max(changes)})
+    return {"tasks": exact, "inputs": len(cases), "unchanged": unchanged, "refused": refused,
+            "max_probability_change": worst, "label_agreement": agree / compared if compared else None,
+            "comparisons": compared, "cases": cases}
+
+
+def fidelity_text(f: dict) -> str:
+    if not f["inputs"]:
+        return "Fidelity: no input was decoded smaller, nothing to compare."
+    worst = sorted(f["cases"], key=lambda c: -c["max_probability_change"])[:5]
+    rows = [[c["input"], str(c["frame"]), f"{c['size'][0]}x{c['size'][1]}",
+             f"{c['decoded_at'][0]}x{c['decoded_at'][1]}", c["color"], f"{c['max_probability_change']:.4f}"]
+            for c in worst]
+    return f"""\
+Fidelity of the reduced path against the exact path, every task of the repository ({", ".join(f["tasks"])})
+on the benchmark's files above and every pydicom / pydicom-data file in a JPEG 2000, HTJ2K or DCT JPEG
+syntax (first and last frame; colour, multi-frame and MONOCHROME1 among them), {f["inputs"]} inputs that
+decoded smaller ({f["unchanged"]} more were already small enough to decode whole, {len(f["refused"])} are refused
+by both paths): **max |probability change| {f["max_probability_change"]:.4f}**, **label agreement
+{f["label_agreement"]:.3f}** over {f["comparisons"]} (input, task) pairs. The five largest changes:
+
+{table(["input", "frame", "size", "decoded at", "colour", "max change"], rows)}"""
+
+
+# --------------------------------------------------------------------------------------------
+# case 11: decode-bound throughput
+# --------------------------------------------------------------------------------------------
+
+
+def decode_bound_throughput(s: Settings) -> Section:
+    t = s.tiny_template
+    repository = repos.reduced_repository(s.work, t.repository)
+    specs = (("exact", t.spec), ("reduced", f"{t.task}{repos.REDUCED_SUFFIX}@{t.version}"))
+    count = 8
+    images = [p.read_bytes() for p in data.distinct_j2k(s.work, s.decode_size, count)]
+    per_concurrency = {1: count, 8: 4 * count} if s.mode == "full" else {1: 2, 8: 8}
+    rows, raw = [], {}
+    with Fptserve(s.binary, repository, s.threads) as server:
+        client = Client(server.addr, s.stubs)
+        decoded_at = client.classify(images[0], [specs[1][1]]).input
+        for c, requests in per_concurrency.items():
+            cell = {}
+            for label, spec in specs:
+                client.load(images, [spec], c, max(c, s.warmup))
+            # rounds alternate the two paths so that drift affects both alike
+            for _ in range(s.repeats):
+                for label, spec in specs:
+                    wall, latencies = client.load(images, [spec], c, requests)
+                    entry = cell.setdefault(label, {"rates": [], "latencies": []})
+                    entry["rates"].append(requests / wall)
+                    entry["latencies"] += latencies
+            exact, reduced = (stats(cell[label]["rates"]) for label, _ in specs)
+            rows.append([str(c), str(requests), per_s(exact), per_s(reduced),
+                         f"**{reduced['median'] / exact['median']:.1f}**",
+                         f"{percentile(cell['exact']['latencies'], 50) * 1e3:.0f} / "
+                         f"{percentile(cell['reduced']['latencies'], 50) * 1e3:.0f}"])
+            raw[str(c)] = {label: {"rate": stats(v["rates"]), "p50": percentile(v["latencies"], 50)}
+                           for label, v in cell.items()}
+        client.close()
+    md = f"""\
+Requests per second for {t.spec} (the demo models: a {t.manifest["preprocessing"]["backbone_size"][0]}x{t.manifest["preprocessing"]["backbone_size"][0]}
+backbone that costs little, so decoding is the bottleneck) on {count} different {s.decode_size}x{s.decode_size}
+12-bit JPEG 2000 lossless DICOMs (GDCM; request i sends picture i mod {count}), from C client threads
+each calling in a loop; {s.repeats} rounds alternating the exact task and its copy with
+`decode_resolution: reduced` (decoded at {decoded_at.decoded_width}x{decoded_at.decoded_height}); N requests per round.
+
+{table(["C", "N", "exact req/s", "reduced req/s", "reduced / exact", "p50 ms exact / reduced"], rows)}
+"""
+    return Section("11. Decode-bound throughput: exact vs reduced-resolution decoding", md, raw)
 
 
 # --------------------------------------------------------------------------------------------
@@ -770,4 +899,5 @@ CASES = {
     "8": training_memory,
     "9": int8_backbone,
     "10": session_options,
+    "11": decode_bound_throughput,
 }

@@ -152,3 +152,54 @@ def dicom_file(work: Path, size: int, syntax: Syntax) -> Path:
 def serving_dicom(work: Path, size: int) -> Path:
     """The uncompressed 16-bit (12 stored) DICOM of the serving cases."""
     return dicom_file(work, size, SYNTAXES[0])
+
+
+# The syntaxes whose codecs decode at reduced resolution (README: DICOM).
+REDUCED_UIDS = frozenset({
+    "1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51", "1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91",
+    "1.2.840.10008.1.2.4.201", "1.2.840.10008.1.2.4.202", "1.2.840.10008.1.2.4.203",
+})
+
+
+def distinct_j2k(work: Path, size: int, count: int) -> list[Path]:
+    """`count` different JPEG 2000 lossless pictures (GDCM) of size x size, made on first use."""
+    folder = work / "dicom" / str(size) / "distinct-j2k"
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(count):
+        out = folder / f"{i}.dcm"
+        if not out.exists():
+            native = folder / f"native-{i}.dcm"
+            write_native(native, picture(size, 12, seed=300 + i), 12)
+            partial = out.with_suffix(".partial")
+            _run(["gdcmconv", "--j2k", str(native), str(partial)])
+            partial.rename(out)
+            native.unlink()
+        paths.append(out)
+    return paths
+
+
+def pydicom_reduced_inputs() -> list[tuple[str, bytes, int]]:
+    """(name, bytes, frame) for every file of the pydicom and pydicom-data wheels in a syntax
+    with a reduced decode: first and last frame (colour, multi-frame, MONOCHROME1 among them)."""
+    import sys
+
+    import pydicom
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+    import dicom_parity
+
+    inputs = []
+    for f in dicom_parity.all_test_files():
+        try:
+            ds = pydicom.dcmread(f.path, stop_before_pixels=True)
+            uid = str(ds.file_meta.TransferSyntaxUID)
+        except Exception:  # noqa: BLE001 - not a DICOM file with a file meta group
+            continue
+        if uid not in REDUCED_UIDS or "Rows" not in ds:
+            continue
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+        blob = Path(f.path).read_bytes()
+        for frame in sorted({0, frames - 1}):
+            inputs.append((f.name, blob, frame))
+    return inputs

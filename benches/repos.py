@@ -8,6 +8,8 @@ models/full) without re-exporting anything:
   session either way.
 - `fused_model`: backbone.onnx and side.onnx merged into one graph (pixels in, logits out),
   which is what a one-model-per-task server runs for each fine-tuned task.
+- `reduced_repository`: a repository plus, for every task version, a copy `<task>-reduced`
+  that opts into reduced-resolution DICOM decoding (same ONNX files).
 """
 
 from __future__ import annotations
@@ -64,6 +66,15 @@ def _link_or_copy(source: Path, target: Path) -> None:
         shutil.copyfile(source, target)
 
 
+def _complete(out: Path) -> bool:
+    """True when an earlier run finished writing `out`; otherwise clears what it left."""
+    if (out / ".complete").exists():
+        return True
+    if out.exists():
+        shutil.rmtree(out)
+    return False
+
+
 def clone_name(i: int) -> str:
     return f"task-{i:03d}"
 
@@ -71,11 +82,8 @@ def clone_name(i: int) -> str:
 def cloned_repository(work: Path, template: Adapter, count: int) -> Path:
     """A repository with the template's backbone and `count` copies of the template adapter."""
     out = work / "repos" / f"{template.backbone_name}-{template.task}-{count}"
-    stamp = out / ".complete"
-    if stamp.exists():
+    if _complete(out):
         return out
-    if out.exists():
-        shutil.rmtree(out)
     source_backbone = template.repository / "backbones" / template.backbone_name
     for f in source_backbone.iterdir():
         _link_or_copy(f, out / "backbones" / template.backbone_name / f.name)
@@ -85,7 +93,7 @@ def cloned_repository(work: Path, template: Adapter, count: int) -> Path:
         manifest = dict(template.manifest, task=clone_name(i), version="1")
         _link_or_copy(template.side_onnx, folder / template.manifest["file"])
         (folder / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-    stamp.write_text("")
+    (out / ".complete").write_text("")
     return out
 
 
@@ -131,3 +139,43 @@ def fused_model(work: Path, template: Adapter) -> Path:
     onnx.save(fused, str(partial))
     partial.rename(out)
     return out
+
+
+REDUCED_SUFFIX = "-reduced"
+
+
+def reduced_repository(work: Path, source: Path) -> Path:
+    """`source`'s backbones and task versions, and for each task version a copy named
+    `<task>-reduced` whose manifest sets preprocessing.dicom.decode_resolution "reduced"; the
+    ONNX files are shared (hard links)."""
+    out = work / "repos" / f"reduced-{source.name}"
+    if _complete(out):
+        return out
+    for f in (source / "backbones").rglob("*"):
+        if f.is_file():
+            _link_or_copy(f, out / f.relative_to(source))
+    for manifest_path in sorted((source / "tasks").glob("*/*/manifest.json")):
+        folder = manifest_path.parent
+        task, version = folder.parent.name, folder.name
+        for name in (task, task + REDUCED_SUFFIX):
+            target = out / "tasks" / name / version
+            for f in folder.iterdir():
+                if f.is_file() and f.name != "manifest.json":
+                    _link_or_copy(f, target / f.name)
+            manifest = json.loads(manifest_path.read_text())
+            if name != task:
+                manifest["task"] = name
+                manifest["preprocessing"].setdefault("dicom", {"voi": "auto"})["decode_resolution"] = "reduced"
+            (target / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    (out / ".complete").write_text("")
+    return out
+
+
+def reduced_pairs(repository: Path) -> list[tuple[str, str]]:
+    """(task@version, its reduced copy) for every original task version of a reduced repository."""
+    pairs = []
+    for manifest_path in sorted((repository / "tasks").glob("*/*/manifest.json")):
+        task, version = manifest_path.parent.parent.name, manifest_path.parent.name
+        if not task.endswith(REDUCED_SUFFIX):
+            pairs.append((f"{task}@{version}", f"{task}{REDUCED_SUFFIX}@{version}"))
+    return pairs

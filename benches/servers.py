@@ -139,8 +139,8 @@ class Client:
         grpc.channel_ready_future(self.channel).result(timeout=60)
         self.stub = pb_grpc.ClassifierStub(self.channel)
 
-    def classify(self, dicom: bytes, tasks: list[str]):
-        return self.stub.Classify(self.pb.ClassifyRequest(dicom=dicom, tasks=tasks), timeout=600)
+    def classify(self, dicom: bytes, tasks: list[str], frame: int = 0):
+        return self.stub.Classify(self.pb.ClassifyRequest(dicom=dicom, tasks=tasks, frame=frame), timeout=600)
 
     def timed(self, dicom: bytes, tasks: list[str]):
         t = time.perf_counter()

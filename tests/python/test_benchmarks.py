@@ -28,7 +28,8 @@ def test_quick_benchmarks_run_every_case(tmp_path):
                   "4. Decode and preprocess per transfer syntax", "5. Throughput under concurrency",
                   "6. Adapter hot swap", "7. Feature cache",
                   "8. Training memory: FPT+ with preloaded K/V against full fine-tuning", "9. INT8 backbone (CPU)",
-                  "10. ONNX Runtime session options"):
+                  "10. ONNX Runtime session options",
+                  "11. Decode-bound throughput: exact vs reduced-resolution decoding"):
         assert f"## {title}" in report
     assert re.search(r"fptserve / floor: (\d+\.\d+)", report)
     raw = json.loads((work / "results-quick.json").read_text())
@@ -38,8 +39,18 @@ def test_quick_benchmarks_run_every_case(tmp_path):
     # the fused models were measured up to FUSED_MAX and extrapolated beyond, and said so
     assert [many[k]["fused_measured"] for k in ("1", "8", "32", "64")] == [True, True, False, False]
     # every transfer syntax of the decode case was decoded by both sides
-    decoded = raw["4. Decode and preprocess per transfer syntax"]
+    decoded = dict(raw["4. Decode and preprocess per transfer syntax"])
+    fidelity = decoded.pop("reduced_fidelity")
     assert len(decoded) == 10 and all(v["fptserve_decode"] and v["python_decode"] for v in decoded.values())
+    # the reduced path decoded J2K, HTJ2K and DCT JPEG smaller (1024 -> 64 for the demo's 64 x 64 backbone)
+    # and was compared with the exact path for every task, on pydicom's files too
+    reduced = {k: v["decoded_at"] for k, v in decoded.items() if "decoded_at" in v}
+    assert len(reduced) == 5 and all(w < 1024 and h < 1024 for w, h in reduced.values()), reduced
+    assert fidelity["inputs"] > len(reduced) and fidelity["label_agreement"] is not None
+    assert len(fidelity["tasks"]) == 4  # every task version of models/demo
+    # decode-bound throughput: both paths at concurrency 1 and 8
+    bound = raw["11. Decode-bound throughput: exact vs reduced-resolution decoding"]
+    assert set(bound) == {"1", "8"} and all(set(v) == {"exact", "reduced"} for v in bound.values())
     # memory grows with adapters, and by less per adapter than per fused model
     memory = raw["3. Memory"]
     assert memory["per_adapter_bytes"]["warm"] < memory["per_fused_model_bytes"]["warm"]
