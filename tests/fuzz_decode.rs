@@ -15,6 +15,10 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+use dicom_core::value::PixelFragmentSequence;
+use dicom_core::{DataElement, VR};
+use dicom_dictionary_std::tags;
+use dicom_object::FileMetaTableBuilder;
 use fptserve::decode::codec::MinSize;
 use fptserve::decode::{self, Limits};
 
@@ -103,7 +107,7 @@ fn corpus() -> Vec<(PathBuf, Vec<u8>)> {
         common::fixtures().join("images"),
         pydicom,
     ];
-    let mut files = Vec::new();
+    let mut files = vec![htj2k_seed()];
     while let Some(dir) = dirs.pop() {
         for entry in std::fs::read_dir(&dir).unwrap() {
             let path = entry.unwrap().path();
@@ -118,6 +122,150 @@ fn corpus() -> Vec<(PathBuf, Vec<u8>)> {
     }
     files.sort();
     files
+}
+
+/// An HTJ2K file, which neither wheel ships: the grey fixture's pixels through OpenJPH's
+/// encoder (Debian's openjph-tools, installed by tools/system-deps.sh), wrapped as DICOM.
+fn htj2k_seed() -> (PathBuf, Vec<u8>) {
+    let source = common::fixtures().join("dicom/grey8_explicit_le.dcm");
+    let file = dicom_object::open_file(&source).unwrap();
+    let int = |tag| file.element(tag).unwrap().to_int::<u32>().unwrap();
+    let (rows, columns) = (int(tags::ROWS), int(tags::COLUMNS));
+    assert_eq!(int(tags::BITS_ALLOCATED), 8, "the seed expects 8-bit grey");
+    let pixels = file.element(tags::PIXEL_DATA).unwrap().to_bytes().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (raw, j2c) = (dir.path().join("grey.rawl"), dir.path().join("grey.j2c"));
+    std::fs::write(&raw, &pixels[..(rows * columns) as usize]).unwrap();
+    let dims = format!("{{{columns},{rows}}}");
+    let done = std::process::Command::new("ojph_compress")
+        .args(["-i", raw.to_str().unwrap(), "-o", j2c.to_str().unwrap()])
+        .args([
+            "-dims",
+            &dims,
+            "-num_comps",
+            "1",
+            "-bit_depth",
+            "8",
+            "-signed",
+            "false",
+        ])
+        .args(["-downsamp", "{1,1}", "-reversible", "true"])
+        .output()
+        .expect("ojph_compress (install the test tools with tools/system-deps.sh)");
+    assert!(done.status.success(), "ojph_compress failed: {done:?}");
+    let mut codestream = std::fs::read(&j2c).unwrap();
+    if codestream.len() % 2 == 1 {
+        codestream.push(0);
+    }
+    let mut obj = file.into_inner();
+    obj.put(DataElement::new(
+        tags::PIXEL_DATA,
+        VR::OB,
+        PixelFragmentSequence::new(vec![], vec![codestream]),
+    ));
+    let htj2k = obj
+        .with_meta(FileMetaTableBuilder::new().transfer_syntax("1.2.840.10008.1.2.4.201"))
+        .unwrap();
+    let mut bytes = Vec::new();
+    htj2k.write_all(&mut bytes).unwrap();
+    // It decodes before it is mutated: the seed is a valid file.
+    decode::dicom::decode(&bytes, 0, &Limits::default(), None).expect("the HTJ2K seed decodes");
+    (PathBuf::from("htj2k_seed.dcm"), bytes)
+}
+
+/// Inputs this test once failed on, rebuilt here rather than committed as mutated copies.
+fn regressions() -> Vec<(PathBuf, Vec<u8>)> {
+    // An explicit VR little endian element header with a 2-byte length.
+    fn short(out: &mut Vec<u8>, (group, element): (u16, u16), vr: &[u8; 2], value: &[u8]) {
+        out.extend(group.to_le_bytes());
+        out.extend(element.to_le_bytes());
+        out.extend(vr);
+        out.extend((value.len() as u16).to_le_bytes());
+        out.extend(value);
+    }
+    // 400000 iterations, seed 0x5eed_f00d, iteration 283150 (a mutation of pydicom's
+    // DICOMDIR-empty.dcm): the group length covers a stray (8902,0003) and then a Transfer
+    // Syntax UID whose VR became "UY", which the parser reads with a 4-byte length taken
+    // from the UID's text ("1.2." = 775 MB) and reserved before reading.
+    let mut group = Vec::new();
+    group.extend([0x02, 0x00, 0x01, 0x00, b'O', b'B', 0, 0, 2, 0, 0, 0, 0, 1]);
+    short(&mut group, (0x0002, 0x0002), b"UI", b"1.2.840.10008.1.3.10");
+    short(&mut group, (0x8902, 0x0003), b"UI", b"1.2.3.4\0");
+    short(
+        &mut group,
+        (0x0002, 0x0010),
+        b"UY",
+        b"1.2.840.10008.1.2.1\0",
+    );
+    let part10 = |group: &[u8], data_set: &[u8]| {
+        let mut file = vec![0u8; 128];
+        file.extend(b"DICM");
+        short(
+            &mut file,
+            (0x0002, 0x0000),
+            b"UL",
+            &(group.len() as u32).to_le_bytes(),
+        );
+        file.extend(group);
+        file.extend(data_set);
+        file
+    };
+    let stray_meta = part10(&group, &[]);
+    // 400000 iterations, seed 77, iteration 80638 (a mutation of pydicom's
+    // JPEGLSNearLossless_08.dcm): a UL element 2 bytes long. The parser reads length / 4
+    // values, leaves 2 bytes behind and reads the pixel data header from there: tag
+    // (0000,7FE0), unknown VR "\x10\x00", length 0xFFFF0000, reserved before reading.
+    let mut meta = Vec::new();
+    meta.extend([0x02, 0x00, 0x01, 0x00, b'O', b'B', 0, 0, 2, 0, 0, 0, 0, 1]);
+    short(&mut meta, (0x0002, 0x0010), b"UI", b"1.2.840.10008.1.2.1\0");
+    let mut data_set = Vec::new();
+    short(&mut data_set, (0x0028, 0x0010), b"US", &8u16.to_le_bytes());
+    short(&mut data_set, (0x0000, 0x0103), b"UL", &[0, 0]);
+    data_set.extend([
+        0xE0, 0x7F, 0x10, 0x00, b'O', b'B', 0, 0, 0xFF, 0xFF, 0xFF, 0xFF,
+    ]);
+    data_set.extend([0xFE, 0xFF, 0x00, 0xE0, 0, 0, 0, 0]);
+    data_set.extend([0xFE, 0xFF, 0xDD, 0xE0, 0, 0, 0, 0]);
+    let short_ul = part10(&meta, &data_set);
+    // 400000 iterations, seed 77, iteration 265695 (a mutation of pydicom's
+    // nested_priv_SQ.dcm, implicit VR): an element one byte too long swallows the first
+    // byte of its item's delimiter, and the sequence delimiter that follows carries
+    // 0x7FFF0000 as its length, which the parser reserved.
+    let mut implicit = Vec::new();
+    implicit.extend([0x02, 0x00, 0x01, 0x00, b'O', b'B', 0, 0, 2, 0, 0, 0, 0, 1]);
+    short(
+        &mut implicit,
+        (0x0002, 0x0010),
+        b"UI",
+        b"1.2.840.10008.1.2\0",
+    );
+    let undefined = |group: u16, element: u16| {
+        let mut h = Vec::from(group.to_le_bytes());
+        h.extend(element.to_le_bytes());
+        h.extend([0xFF; 4]);
+        h
+    };
+    let mut nested = Vec::new();
+    for _ in 0..2 {
+        nested.extend(undefined(0x0001, 0x0001)); // a sequence in a sequence
+        nested.extend(undefined(0xFFFE, 0xE000)); // an item
+    }
+    nested.extend([0x01, 0x00, 0x01, 0x00, 16, 0, 0, 0]);
+    nested.extend(b"Double Nested SQ");
+    nested.extend([
+        0xFE, 0xFF, 0x0D, 0xE0, 0, 0, 0, 0, 0xFE, 0xFF, 0xDD, 0xE0, 0, 0, 0, 0,
+    ]);
+    nested.extend([0x01, 0x00, 0x02, 0x00, 9, 0, 0, 0]); // (0001,0002), 9 bytes: one too many
+    nested.extend(b"Nested \xFF\xFF");
+    nested.extend([0xFF, 0xFF, 0x0D, 0xE0, 0, 0, 0, 0]); // what is left of the item delimiter
+    nested.extend([0xFE, 0xFF, 0xDD, 0xE0, 0x00, 0x00, 0xFF, 0x7F]);
+    nested.extend([0x00, 0x7F, 0x10, 0x00, 0x02, 0, 0, 0, 0, 0]);
+    let long_delimiter = part10(&implicit, &nested);
+    vec![
+        (PathBuf::from("meta-vr-uy.dcm"), stray_meta),
+        (PathBuf::from("ul-of-2-bytes.dcm"), short_ul),
+        (PathBuf::from("long-delimiter.dcm"), long_delimiter),
+    ]
 }
 
 fn env_u64(name: &str, default: u64) -> u64 {
@@ -144,9 +292,17 @@ fn mutated_and_truncated_files_never_panic_or_overallocate() {
     let corpus = corpus();
     assert!(corpus.len() >= 6);
     let (mut decoded, mut refused) = (0u64, 0u64);
-    for i in 0..iterations {
-        let (path, original) = &corpus[rng.below(corpus.len())];
-        let input = mutate(&mut rng, original);
+    let known = regressions();
+    for i in 0..iterations + known.len() as u64 {
+        // Inputs an earlier run found come first, as they are; then random mutations.
+        let (path, input) = match known.get(i as usize) {
+            Some((path, input)) => (path.clone(), input.clone()),
+            None => {
+                let (path, original) = &corpus[rng.below(corpus.len())];
+                (path.clone(), mutate(&mut rng, original))
+            }
+        };
+        let path = &path;
         let frame = if rng.below(8) == 0 {
             rng.below(3) as u32
         } else {

@@ -83,7 +83,15 @@ impl Reader<'_> {
             if tag.0 == 0xFFFE {
                 let len = self.u32()?;
                 match tag.1 {
-                    // Item or sequence delimiter: this level ends.
+                    // Item or sequence delimiter: this level ends. Its length is 0 (PS3.5
+                    // 7.5); where a broken item leaves the parser reading one as a value,
+                    // it reserves that length first.
+                    0xE00D | 0xE0DD if len != 0 => {
+                        return Err(invalid(format!(
+                            "delimiter (FFFE,{:04X}) has length {len}, not 0",
+                            tag.1
+                        )));
+                    }
                     0xE00D | 0xE0DD => return Ok(()),
                     0xE000 if len == UNDEFINED => self.walk(depth + 1)?,
                     0xE000 => self.nested(len, tag, depth)?,
@@ -92,6 +100,17 @@ impl Reader<'_> {
                 continue;
             }
             let (vr, len) = self.header(tag)?;
+            if let Some(size) = vr.and_then(value_size)
+                && len != UNDEFINED
+                && len % size != 0
+            {
+                return Err(invalid(format!(
+                    "element ({:04X},{:04X}) has VR {} but a length of {len}, not a multiple of {size}",
+                    tag.0,
+                    tag.1,
+                    vr.map_or("?", |v| v.to_string())
+                )));
+            }
             if len == UNDEFINED {
                 if tag == PIXEL_DATA {
                     self.fragments()?;
@@ -186,15 +205,30 @@ impl Reader<'_> {
             }
         } else {
             let len = self.u32()?;
+            // The parser reads an implicit VR element by its dictionary VR.
             let vr = match StandardDataDictionary
                 .by_tag(Tag(tag.0, tag.1))
                 .map(|e| e.vr())
             {
-                Some(VirtualVr::Exact(VR::SQ)) => Some(VR::SQ),
+                Some(VirtualVr::Exact(vr)) => Some(vr),
                 _ => None,
             };
             Ok((vr, len))
         }
+    }
+}
+
+/// Bytes per value of the VRs the parser reads as whole binary numbers. It reads
+/// length / size values and then counts the whole length as read, so a length that is not
+/// a multiple leaves bytes behind and the next header is read from inside a value: a
+/// 10 kB file then "declared" a 4 GB element, which the parser reserved (found by
+/// tests/fuzz_decode.rs).
+fn value_size(vr: VR) -> Option<u32> {
+    match vr {
+        VR::US | VR::SS | VR::OW => Some(2),
+        VR::UL | VR::SL | VR::FL | VR::AT | VR::OF | VR::OL => Some(4),
+        VR::FD | VR::OD | VR::SV | VR::UV | VR::OV => Some(8),
+        _ => None,
     }
 }
 
@@ -256,11 +290,15 @@ pub fn check_lengths(body: &[u8]) -> Result<Checked<'_>, DecodeError> {
     };
     let mut ts = String::new();
     // File meta group (0002,xxxx): always explicit VR little endian. Its end is where the
-    // group length (0002,0000) says, which is how the parser finds the data set.
+    // group length (0002,0000) says, which is how the parser finds the data set; the parser
+    // reads every element up to there, whatever its tag (a stray (8902,0003) included), and
+    // reserves each meta value's length before reading it, so each one is checked here.
     let mut meta_end = None;
     while meta.pos + 4 <= body.len()
-        && u16::from_le_bytes([body[meta.pos], body[meta.pos + 1]]) == 0x0002
-        && meta_end.is_none_or(|end| meta.pos < end)
+        && match meta_end {
+            Some(end) => meta.pos < end,
+            None => u16::from_le_bytes([body[meta.pos], body[meta.pos + 1]]) == 0x0002,
+        }
     {
         let tag = (meta.u16()?, meta.u16()?);
         let (_, len) = meta.header(tag)?;
