@@ -13,6 +13,9 @@ use dicom_dictionary_std::StandardDataDictionary;
 use super::DecodeError;
 
 const UNDEFINED: u32 = 0xFFFF_FFFF;
+/// Deflated Explicit VR Little Endian: the one syntax whose data set this check inflates
+/// (and hands to the parser inflated, see `dicom::read`).
+pub(crate) const DEFLATED: &str = "1.2.840.10008.1.2.1.99";
 const PIXEL_DATA: (u16, u16) = (0x7FE0, 0x0010);
 /// Nesting deeper than this is refused (it is only ever seen in crafted files).
 const MAX_DEPTH: usize = 64;
@@ -343,7 +346,7 @@ pub fn check_lengths(body: &[u8]) -> Result<Checked<'_>, DecodeError> {
             explicit: true,
             big_endian: true,
         },
-        "1.2.840.10008.1.2.1.99" => {
+        DEFLATED => {
             return Ok(Checked::Inflated {
                 meta: &body[..meta.pos],
                 data_set: inflate_and_check(&body[meta.pos..])?,

@@ -22,7 +22,7 @@ pub use self::frame::{ColourFrame, Frame, GreyFrame, Samples};
 use self::luts::{file_voi, modality_lut, palette};
 use super::codec::{self, FrameLayout, MinSize};
 use super::photometric;
-use super::scan::{self, Checked};
+use super::scan::{self, Checked, DEFLATED};
 use super::{DecodeError, Decoded, DicomIdentifiers, InputInfo, Limits, Pixels, check_size};
 
 /// Saturates a header number into u16 (out-of-range values then fail validation).
@@ -121,9 +121,6 @@ fn read(bytes: &[u8], until: Option<Tag>) -> Result<DefaultDicomObject, DecodeEr
     };
     parsed.map_err(|e| DecodeError::Invalid(format!("cannot parse DICOM: {e}")))
 }
-
-/// Deflated Explicit VR Little Endian.
-const DEFLATED: &str = "1.2.840.10008.1.2.1.99";
 
 /// A deflated data set after the length check inflated it (once, with zlib-rs): explicit
 /// VR little endian bytes, read under the file's own UID so that the file meta group
