@@ -13,6 +13,7 @@ use dicom_core::value::{PixelFragmentSequence, PrimitiveValue};
 use dicom_core::{DataElement, VR};
 use dicom_dictionary_std::tags;
 use dicom_object::{FileMetaTableBuilder, InMemDicomObject, OpenFileOptions};
+use dicom_pixeldata::PixelDecoder;
 use fptserve::decode::Limits;
 use fptserve::decode::codec::{FrameLayout, MinSize, decode_frame, decode_frame_at};
 
@@ -485,6 +486,7 @@ fn check(path: &Path, img: &Image, expected_ts: &str, tolerance: i64, photometri
             img.signed,
         );
         let want = &img.values[f as usize * n..(f as usize + 1) * n];
+        check_pixeldata(&obj, f, &raw.data, &raw.photometric, &want_rgb(img, want));
         for (i, (g, w)) in got.iter().zip(want).enumerate() {
             let d = (g - w).abs();
             total += d;
@@ -509,6 +511,68 @@ fn check(path: &Path, img: &Image, expected_ts: &str, tolerance: i64, photometri
         img.name
     );
     worst
+}
+
+/// Compressed syntaxes are decoded by fptserve's codecs through dicom-rs's pixel data API
+/// too (`src/decode/codec/pixeldata.rs` submits them to its registry): the frame
+/// dicom-pixeldata returns must be the one `decode_frame` returns, and YBR_FULL, which
+/// dicom-pixeldata's contract wants as RGB, the image's own values through PS3.3
+/// C.7.6.3.1.2's matrix (within 1 of it: that matrix in f32 against f64, both rounded).
+fn check_pixeldata(
+    obj: &dicom_object::DefaultDicomObject,
+    frame: u32,
+    ours: &[u8],
+    photometric: &str,
+    want_rgb: &[i64],
+) {
+    let ts = obj.meta().transfer_syntax().trim_end_matches(['\0', ' ']);
+    let native_or_uncompressed = [
+        EXPLICIT_LE,
+        "1.2.840.10008.1.2",
+        "1.2.840.10008.1.2.2",
+        "1.2.840.10008.1.2.1.99",
+        "1.2.840.10008.1.2.1.98",
+    ];
+    if native_or_uncompressed.contains(&ts) {
+        return;
+    }
+    let via = obj
+        .decode_pixel_data_frame(frame)
+        .unwrap_or_else(|e| panic!("dicom-pixeldata ({ts}) frame {frame}: {e}"));
+    if photometric == "YBR_FULL" {
+        let got: Vec<i64> = via.data().iter().map(|&b| i64::from(b)).collect();
+        assert_eq!(got.len(), want_rgb.len());
+        for (i, (g, w)) in got.iter().zip(want_rgb).enumerate() {
+            assert!(
+                (g - w).abs() <= 1,
+                "dicom-pixeldata ({ts}) frame {frame}: sample {i} is {g}, RGB of the source {w}"
+            );
+        }
+    } else {
+        assert!(
+            via.data() == ours,
+            "dicom-pixeldata through fptserve's codecs ({ts}) frame {frame} differs from \
+             decode_frame"
+        );
+    }
+}
+
+/// `values` (one frame of `img`) as 8-bit RGB when `img` is YBR_FULL, by PS3.3
+/// C.7.6.3.1.2 in f64; otherwise empty.
+fn want_rgb(img: &Image, values: &[i64]) -> Vec<i64> {
+    if img.photometric != "YBR_FULL" {
+        return Vec::new();
+    }
+    values
+        .chunks_exact(3)
+        .flat_map(|p| {
+            let (y, cb, cr) = (p[0] as f64, p[1] as f64 - 128.0, p[2] as f64 - 128.0);
+            let r = y + 1.402 * cr;
+            let g = y - 0.344136 * cb - 0.714136 * cr;
+            let b = y + 1.772 * cb;
+            [r, g, b].map(|v| v.round().clamp(0.0, 255.0) as i64)
+        })
+        .collect()
 }
 
 // --- the images ---
@@ -694,6 +758,13 @@ fn rle_lossless() {
     let img = ct_signed();
     let out = s.convert(&img, "gdcm", "gdcmconv", &["--rle"]);
     check(&out, &img, "1.2.840.10008.1.2.5", 0, img.photometric);
+    // Colour stored as YBR_FULL stays YBR_FULL through the codec (the pixel pipeline
+    // converts it); dicom-pixeldata's API gets it as RGB.
+    let mut ybr = rgb8();
+    ybr.name = "ybr_full8";
+    ybr.photometric = "YBR_FULL";
+    let out = s.convert(&ybr, "out", "dcmcrle", &[]);
+    check(&out, &ybr, "1.2.840.10008.1.2.5", 0, "YBR_FULL");
 }
 
 // --- JPEG ---

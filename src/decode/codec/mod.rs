@@ -6,8 +6,10 @@
 //! pipeline (`dicom.rs`, `voi.rs`) never knows how the frame was stored.
 //!
 //! The codecs are called directly (libjpeg-turbo 3, CharLS, OpenJPEG) rather than through
-//! dicom-pixeldata's adapters, because those refuse 12-bit JPEG and any frame compressed
-//! more than 64:1, which real lossy files routinely are. The bound against decompression
+//! dicom-rs's own adapters, because those refuse 12-bit JPEG and any frame compressed more
+//! than 64:1, which real lossy files routinely are. `pixeldata` puts them behind dicom-rs's
+//! pixel data reader interface, so dicom-pixeldata decodes with them too; it says why the
+//! daemon does not go through that interface itself. The bound against decompression
 //! bombs is the header instead: every decoder here checks the codestream's dimensions,
 //! components and precision against [`FrameLayout`] before it decodes, and writes into one
 //! buffer of exactly the header's frame size.
@@ -22,6 +24,7 @@ mod jpeg;
 mod jpegls;
 mod native;
 mod output;
+mod pixeldata;
 mod rle;
 mod syntax;
 
@@ -29,6 +32,7 @@ use dicom_dictionary_std::tags;
 use dicom_object::DefaultDicomObject;
 
 use super::{DecodeError, Limits};
+pub use pixeldata::Codecs;
 use syntax::Syntax;
 
 /// What the DICOM header says one frame looks like.
@@ -112,22 +116,7 @@ pub fn decode_frame_at(
     min: Option<MinSize>,
 ) -> Result<RawFrame, DecodeError> {
     let ts_uid = obj.meta().transfer_syntax().trim_end_matches(['\0', ' ']);
-    if frame >= layout.frames.max(1) {
-        return Err(DecodeError::FrameOutOfRange {
-            frame,
-            frames: layout.frames.max(1),
-        });
-    }
-    let shape = output::Shape::new(layout, limits)?;
-    let _decoding = budget::InFlight::enter();
-    let syntax = Syntax::from_uid(ts_uid);
-    if let Syntax::Unknown = syntax {
-        return Err(DecodeError::Unsupported(format!(
-            "transfer syntax {ts_uid} is not supported: fptserve decodes native, deflated, \
-             encapsulated uncompressed, RLE, JPEG (baseline, extended, lossless), JPEG-LS, \
-             JPEG 2000 and HTJ2K"
-        )));
-    }
+    let (syntax, shape, _decoding) = start(ts_uid, frame, layout, limits)?;
     let pixel_data = obj
         .element(tags::PIXEL_DATA)
         .map_err(|_| DecodeError::Invalid("the file has no Pixel Data (7FE0,0010)".to_string()))?;
@@ -136,14 +125,58 @@ pub fn decode_frame_at(
         return native::decode(pixel_data.value(), frame, layout, &shape, big_endian);
     }
     let stream = fragments::frame_stream(obj, pixel_data.value(), frame, layout.frames)?;
+    decode_stream(syntax, &stream, frame, ts_uid, layout, &shape, min)
+}
+
+/// What every way into the codecs checks first: the frame exists, the header's frame fits
+/// `limits`, and the transfer syntax is one fptserve decodes. The claim on a core share
+/// ([`budget`]) is held until the returned guard drops.
+fn start(
+    ts_uid: &str,
+    frame: u32,
+    layout: &FrameLayout,
+    limits: &Limits,
+) -> Result<(Syntax, output::Shape, budget::InFlight), DecodeError> {
+    if frame >= layout.frames.max(1) {
+        return Err(DecodeError::FrameOutOfRange {
+            frame,
+            frames: layout.frames.max(1),
+        });
+    }
+    let shape = output::Shape::new(layout, limits)?;
+    let syntax = Syntax::from_uid(ts_uid);
+    if let Syntax::Unknown = syntax {
+        return Err(DecodeError::Unsupported(format!(
+            "transfer syntax {ts_uid} is not supported: fptserve decodes native, deflated, \
+             encapsulated uncompressed, RLE, JPEG (baseline, extended, lossless), JPEG-LS, \
+             JPEG 2000 and HTJ2K"
+        )));
+    }
+    Ok((syntax, shape, budget::InFlight::enter()))
+}
+
+/// One encapsulated frame's bytes -> samples.
+fn decode_stream(
+    syntax: Syntax,
+    stream: &[u8],
+    frame: u32,
+    ts_uid: &str,
+    layout: &FrameLayout,
+    shape: &output::Shape,
+    min: Option<MinSize>,
+) -> Result<RawFrame, DecodeError> {
     let what = syntax.name();
     let raw = match syntax {
-        Syntax::EncapsulatedUncompressed => native::decode_bytes(&stream, 0, layout, &shape),
-        Syntax::Rle => rle::decode(&stream, layout, &shape),
-        Syntax::Jpeg => jpeg::decode(&stream, layout, &shape, min),
-        Syntax::JpegLs => jpegls::decode(&stream, layout, &shape),
-        Syntax::J2k => j2k::decode(&stream, layout, &shape, min),
-        Syntax::Native | Syntax::Unknown => unreachable!("handled above"),
+        Syntax::EncapsulatedUncompressed => native::decode_bytes(stream, 0, layout, shape),
+        Syntax::Rle => rle::decode(stream, layout, shape),
+        Syntax::Jpeg => jpeg::decode(stream, layout, shape, min),
+        Syntax::JpegLs => jpegls::decode(stream, layout, shape),
+        Syntax::J2k => j2k::decode(stream, layout, shape, min),
+        Syntax::Native | Syntax::Unknown => {
+            return Err(DecodeError::Invalid(format!(
+                "transfer syntax {ts_uid} does not encapsulate its Pixel Data"
+            )));
+        }
     };
     // Name the syntax in every codec error: "bad Huffman code" alone does not tell a PACS
     // administrator which of their modalities wrote the file.

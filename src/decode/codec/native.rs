@@ -4,6 +4,10 @@
 //! OL double words), which is not the sample width when Bits Allocated and the VR
 //! disagree.
 //!
+//! dicom-pixeldata 0.10.1 has a native path of its own, not used here: it reads 1-bit
+//! frames from byte boundaries and leaves planar colour planar (measured in
+//! [`super::pixeldata`]).
+//!
 //! Native YBR_FULL_422 is stored subsampled (PS3.3 C.7.6.3.1.2: Y0 Y1 Cb Cr per pair of
 //! pixels, two samples per pixel) and is returned that way; see [`RawFrame`].
 
