@@ -506,6 +506,13 @@ PIL resizes, normalisation). {s.repeats} repetitions after {s.warmup} warm-up; m
 {table(["transfer syntax", "MiB", "fptserve decode", "fptserve preprocess", "fptserve total",
         "pydicom decode", "numpy+PIL preprocess", "Python total", "speed-up"], rows)}
 
+Where the speed-up stays small, both sides run the same decoder library: OpenJPEG for JPEG 2000 and
+HTJ2K (pylibjpeg-openjpeg), CharLS for JPEG-LS (inside GDCM), zlib's format for deflate; a profile
+(`perf record target/release/fptserve decode FILE --npy out.npy`) puts most of fptserve's decode inside
+those libraries' entropy decoders (OpenJPEG's T1 passes, CharLS's `decode_lines`, the inflate loop), so
+fptserve's margin is what pydicom does around them. The one faster decoder available offline, OpenJPH for
+HTJ2K (Debian's libopenjph 0.9.0), aborts the process on some malformed codestreams and is not used.
+
 **Reduced-resolution path** (the task's copy with `decode_resolution: reduced`, same files, same run): the
 frame decodes at the coarsest JPEG 2000 level / JPEG DCT scale whose sides are at least
 {max(sizes)}, then resizes as usual. "vs exact" is fptserve's exact total over its reduced total; the
