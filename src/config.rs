@@ -164,6 +164,11 @@ pub struct ServeArgs {
     /// Calls decoding and preprocessing at once [default: one per core].
     #[arg(long, env = "FPTSERVE_DECODE_THREADS")]
     pub decode_threads: Option<usize>,
+    /// Keep the backbone's K/V where it computed them (GPU memory under CUDA) and run the
+    /// side networks on them there, each on the whole batch: true or false [default: true on
+    /// GPU, false on CPU].
+    #[arg(long, env = "FPTSERVE_IO_BINDING")]
+    pub io_binding: Option<bool>,
     /// Seconds calls in flight get to finish after SIGTERM/SIGINT [default: 30].
     #[arg(long, env = "FPTSERVE_DRAIN_TIMEOUT")]
     pub drain_timeout: Option<f64>,
@@ -319,6 +324,8 @@ pub struct EngineOverrides {
     pub feature_cache_bytes: Option<usize>,
     /// Decode pool size.
     pub decode_threads: Option<usize>,
+    /// The bound path (K/V stay on the device).
+    pub io_binding: Option<bool>,
 }
 
 impl From<EngineSettings> for EngineOverrides {
@@ -330,6 +337,7 @@ impl From<EngineSettings> for EngineOverrides {
             max_queue: Some(settings.batch.max_queue),
             feature_cache_bytes: Some(settings.feature_cache_bytes),
             decode_threads: Some(settings.decode_threads),
+            io_binding: Some(settings.batch.io_binding),
         }
     }
 }
@@ -342,6 +350,7 @@ impl EngineOverrides {
         batch.max_batch = self.max_batch_size.unwrap_or(batch.max_batch);
         batch.max_delay = self.max_batch_delay.unwrap_or(batch.max_delay);
         batch.max_queue = self.max_queue.unwrap_or(batch.max_queue);
+        batch.io_binding = self.io_binding.unwrap_or(batch.io_binding);
         settings.feature_cache_bytes = self
             .feature_cache_bytes
             .unwrap_or(settings.feature_cache_bytes);
@@ -608,6 +617,7 @@ impl ServeArgs {
             max_queue: positive("max_queue", args.max_queue)?,
             feature_cache_bytes: args.feature_cache_bytes,
             decode_threads: positive("decode_threads", args.decode_threads)?,
+            io_binding: args.io_binding,
         };
         let grpc = GrpcSettings {
             drain_timeout: seconds("drain_timeout", args.drain_timeout)?

@@ -239,6 +239,7 @@ fn start_engine(
         max_batch_size = settings.batch.max_batch,
         max_batch_delay_ms = settings.batch.max_delay.as_secs_f64() * 1e3,
         max_queue = settings.batch.max_queue,
+        io_binding = settings.batch.io_binding,
         feature_cache_bytes = settings.feature_cache_bytes,
         decode_threads = settings.decode_threads,
         intra_op_threads = config.models.threads.intra_op,

@@ -24,6 +24,10 @@ pub const MODEL_LOAD_FAILURES: &str = "fptserve_model_load_failures_total";
 pub const MODEL_MEMORY: &str = "fptserve_model_memory_bytes";
 /// Images per backbone run.
 pub const BACKBONE_BATCH_SIZE: &str = "fptserve_backbone_batch_size";
+/// Backbone batches on the bound path, by K/V element type.
+pub const BOUND_BATCHES: &str = "fptserve_backbone_bound_batches_total";
+/// Images whose K/V were copied into host buffers.
+pub const KV_HOST_COPIES: &str = "fptserve_kv_host_copies_total";
 /// Backbone jobs dropped unrun, by reason.
 pub const DROPPED: &str = "fptserve_backbone_jobs_dropped_total";
 /// Feature cache lookups, by result.
@@ -125,6 +129,14 @@ fn describe() {
         "Wall time of request stages: decode, preprocess, queue (waiting for a backbone batch), backbone, adapter, total."
     );
     metrics::describe_histogram!(BACKBONE_BATCH_SIZE, "Images per backbone run.");
+    metrics::describe_counter!(
+        BOUND_BATCHES,
+        "Backbone batches whose K/V stayed where the backbone computed them (device memory under CUDA) for the side networks to read there, by K/V element type: float32 or float16."
+    );
+    metrics::describe_counter!(
+        KV_HOST_COPIES,
+        "Images whose K/V fptserve copied out of ONNX Runtime into host buffers: every image when K/V are not bound, only those the feature cache keeps when they are."
+    );
     metrics::describe_counter!(
         DROPPED,
         "Backbone jobs dropped before running, by reason: deadline (passed while queued) or cancelled."
@@ -232,6 +244,17 @@ pub fn ready(ready: bool) {
 /// Records one backbone run's batch size.
 pub fn backbone_batch(images: usize) {
     metrics::histogram!(BACKBONE_BATCH_SIZE).record(images as f64);
+}
+
+/// Counts one backbone batch on the bound path.
+pub fn bound_batch(float16: bool) {
+    let dtype = if float16 { "float16" } else { "float32" };
+    metrics::counter!(BOUND_BATCHES, "kv_dtype" => dtype).increment(1);
+}
+
+/// Counts images whose K/V were copied to host buffers.
+pub fn kv_host_copies(images: usize) {
+    metrics::counter!(KV_HOST_COPIES).increment(images as u64);
 }
 
 /// Counts one backbone job dropped unrun; `reason` is "deadline" or "cancelled".

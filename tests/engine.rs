@@ -15,11 +15,22 @@ use fptserve::proto::v1::ClassifyResponse;
 use tonic::Code;
 
 fn settings(max_batch: usize, max_delay_ms: u64, cache_bytes: usize) -> EngineSettings {
+    settings_on(false, max_batch, max_delay_ms, cache_bytes)
+}
+
+/// [`settings`] on the bound path (`io_binding`) or the host path.
+fn settings_on(
+    io_binding: bool,
+    max_batch: usize,
+    max_delay_ms: u64,
+    cache_bytes: usize,
+) -> EngineSettings {
     EngineSettings {
         batch: BatchSettings {
             max_batch,
             max_delay: Duration::from_millis(max_delay_ms),
             max_queue: 64,
+            io_binding,
         },
         feature_cache_bytes: cache_bytes,
         decode_threads: 8,
@@ -82,21 +93,25 @@ async fn wait_for(server: &TestServer, done: impl Fn(&StatsSnapshot) -> bool) ->
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn concurrent_calls_for_different_tasks_share_backbone_batches() {
-    let reference = reference();
-    let cases = &reference.cases;
-    // Four tasks (two with their own normalisation), five images; two calls on one
-    // adapter version (one side-network run for both); rgb8 for dr-grade@2 and for
-    // skin-lesion@1 is one backbone input (same normalisation), computed once.
-    let chosen = [
+/// Six calls for one batch: four tasks (two with their own normalisation), five images; two
+/// calls on one adapter version (one side-network run for both); rgb8 for dr-grade@2 and
+/// for skin-lesion@1 is one backbone input (same normalisation), computed once.
+fn mixed_batch(cases: &[Case]) -> [&Case; 6] {
+    [
         case(cases, "images/rgb8.png", "dr-grade", "2"),
         case(cases, "images/rgb8.png", "skin-lesion", "1"),
         case(cases, "images/grey8.png", "dr-grade", "2"),
         case(cases, "images/grey16.png", "chest-xray", "1"),
         case(cases, "images/rgba8.png", "dr-grade", "1"),
         case(cases, "dicom/rgb8_rle.dcm", "chest-xray", "1"),
-    ];
+    ]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_calls_for_different_tasks_share_backbone_batches() {
+    let reference = reference();
+    let cases = &reference.cases;
+    let chosen = mixed_batch(cases);
     // Cache off, so every image reaches the backbone; a wide window so all six queue
     // before the batch closes.
     let batched = TestServer::start_demo_engine(settings(8, 1500, 0)).await;
@@ -147,6 +162,82 @@ async fn concurrent_calls_for_different_tasks_share_backbone_batches() {
         }
     }
     assert_eq!(single.engine.stats().backbone_images, 6);
+}
+
+/// The bound path (K/V left in ONNX Runtime's output, each side network run on the whole
+/// batch; here bound to host memory, as the CPU execution provider computes there) answers
+/// as the host path does, for one batch mixing tasks and normalisations, with the feature
+/// cache off and on. Both paths run the same float32 kernels on the same K/V; a side network
+/// run on the whole batch is another matrix shape than one on the rows that asked, so its
+/// sums may round differently: 1e-6 on probabilities (a few float32 ulps of the largest;
+/// a row mixed up with another image's would be off by far more).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_bound_path_answers_as_the_host_path_for_mixed_batches_with_and_without_the_cache() {
+    let reference = reference();
+    let cases = &reference.cases;
+    let chosen = mixed_batch(cases);
+    let host = TestServer::start_demo_engine(settings_on(false, 8, 1500, 0)).await;
+    let expected = classify_concurrently(&host, &chosen).await;
+    let stats = host.engine.stats();
+    assert_eq!((stats.backbone_images, stats.bound_batches), (5, 0));
+    assert_eq!(
+        stats.kv_host_copies, 5,
+        "the host path copies every image's K/V"
+    );
+
+    let same = |got: &[ClassifyResponse], what: &str| {
+        for ((case, got), want) in chosen.iter().zip(got).zip(&expected) {
+            let task = format!("{}@{}", case.task, case.version);
+            for (a, b) in probabilities(got).iter().zip(probabilities(want)) {
+                assert!(
+                    (a - b).abs() <= 1e-6,
+                    "{what}: {task} on {}: {a} vs host path {b}",
+                    case.input
+                );
+            }
+        }
+    };
+    // cache off: one bound batch of five images, no K/V copied to host buffers
+    let bound = TestServer::start_demo_engine(settings_on(true, 8, 1500, 0)).await;
+    let got = classify_concurrently(&bound, &chosen).await;
+    let stats = bound.engine.stats();
+    assert_eq!(
+        (
+            stats.backbone_batches,
+            stats.backbone_images,
+            stats.bound_batches
+        ),
+        (1, 5, 1),
+        "{stats:?}"
+    );
+    assert_eq!(
+        stats.bound_float16_batches, 0,
+        "the demo backbone is float32"
+    );
+    assert_eq!(stats.kv_host_copies, 0, "{stats:?}");
+    for response in &got {
+        assert_eq!(response.results[0].backbone_batch_size, 5);
+    }
+    same(&got, "bound, cache off");
+
+    // cache on: the batch's K/V are copied to the host for the cache, once per image, and a
+    // second round is answered from there (host side networks) with the same numbers
+    let cached = TestServer::start_demo_engine(settings_on(true, 8, 1500, 64 << 20)).await;
+    let got = classify_concurrently(&cached, &chosen).await;
+    same(&got, "bound, cache on, computed");
+    let stats = cached.engine.stats();
+    assert_eq!(
+        (stats.bound_batches, stats.kv_host_copies),
+        (1, 5),
+        "{stats:?}"
+    );
+    let again = classify_concurrently(&cached, &chosen).await;
+    for response in &again {
+        assert_eq!(response.backbone_cache_hits, 1);
+    }
+    same(&again, "bound, cache on, from the cache");
+    let stats = cached.engine.stats();
+    assert_eq!((stats.bound_batches, stats.cache_hits), (1, 6), "{stats:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -1,10 +1,12 @@
 """GPU smoke check and first figures: fptserve on the CUDA execution provider.
 
-Starts the daemon three times, one after the other, on the full-size models:
+Starts the daemon up to four times, one after the other, on the full-size models:
 
-  cpu-fp32    --device cpu   (the reference answers; same GPU ONNX Runtime library)
-  cuda-fp32   --device cuda  --onnxruntime-lib LIB          (flags)
-  cuda-fp16   FPTSERVE_DEVICE=cuda FPTSERVE_ONNXRUNTIME_LIB  (environment, fp16 K/V backbone)
+  cpu-fp32        --device cpu   (the reference answers; same GPU ONNX Runtime library)
+  cuda-fp32       --device cuda  --onnxruntime-lib LIB          (flags)
+  cuda-fp16       FPTSERVE_DEVICE=cuda FPTSERVE_ONNXRUNTIME_LIB  (environment, fp16 K/V backbone)
+  cuda-fp16-host  the same with --io-binding false: K/V to host memory between backbone and
+                  side networks (the GPU default keeps them on the device), to compare
 
 and for each: reads its log (the "ONNX Runtime ready" line must name cuda:0 for the CUDA
 runs, and no "falling back to CPU" warning may appear), classifies a 2048x2048 12-bit
@@ -57,6 +59,8 @@ def serve_flags(binary: str) -> str:
 
 
 def start(binary: str, repository: Path, device: str, lib: str, via_env: bool, extra: list[str]) -> Daemon:
+    """The daemon on `device`, its ONNX Runtime and device given as flags or (`via_env`) in the
+    environment; `extra`: more serve flags."""
     argv = [binary, "--log-format", "json", "serve", "--repository", str(repository), "--grpc-listen", "127.0.0.1:0",
             "--metrics-listen", "off", "--admin-listen", "off", "--max-in-flight", "256", *extra]
     env = {k: v for k, v in os.environ.items() if k not in ("FPTSERVE_DEVICE", "FPTSERVE_ONNXRUNTIME_LIB")}
@@ -68,7 +72,7 @@ def start(binary: str, repository: Path, device: str, lib: str, via_env: bool, e
 
 
 def log_facts(lines: list[str]) -> dict:
-    ready, warnings = None, []
+    ready, engine, warnings = None, None, []
     for line in lines:
         try:
             event = json.loads(line)
@@ -76,6 +80,8 @@ def log_facts(lines: list[str]) -> dict:
             event = {"message": line.strip()}
         if event.get("message") == "ONNX Runtime ready":
             ready = {k: event.get(k) for k in ("library", "requested", "device")}
+        if event.get("message") == "engine":
+            engine = {k: event.get(k) for k in ("io_binding", "max_batch_size", "max_batch_delay_ms")}
         if event.get("level") in ("WARN", "ERROR") or "falling back to CPU" in line:
             text = f"{event.get('level', '?')} {event.get('message', '')}"
             extra = {k: v for k, v in event.items() if k not in ("timestamp", "level", "message", "target")}
@@ -83,7 +89,7 @@ def log_facts(lines: list[str]) -> dict:
                 extra["error"] = "..." + str(extra["error"])[-300:]
             warnings.append(f"{text} {json.dumps(extra)}"[:600])
     fallback = any("falling back to CPU" in w for w in warnings)
-    return {"ready": ready, "fallback_warning": fallback, "warnings": warnings[:20]}
+    return {"ready": ready, "engine": engine, "fallback_warning": fallback, "warnings": warnings[:20]}
 
 
 def gpu_memory_mib(pid: int) -> float | None:
@@ -162,13 +168,13 @@ def max_diff(a: dict, b: dict) -> float:
 
 
 def table(runs: dict) -> str:
-    head = ("| run | device (log) | first call ms | 3 tasks e2e ms | backbone ms | adapters ms | decode+pre ms "
+    head = ("| run | device (log) | K/V bound | first call ms | 3 tasks e2e ms | backbone ms | adapters ms | decode+pre ms "
             "| 1 task @16 req/s | p50 / p99 ms | GPU MiB | RSS MiB | max prob diff vs cpu-fp32 |")
-    rows = [head, "|" + "---|" * 12]
+    rows = [head, "|" + "---|" * 13]
     for name, r in runs.items():
         if "error" in r:
             device = ((r.get("log") or {}).get("ready") or {}).get("device")
-            rows.append(f"| {name} | {device} | failed: see below |" + " |" * 9)
+            rows.append(f"| {name} | {device} | | failed: see below |" + " |" * 9)
             continue
         st = r["sequential"]["stages_ms"]
 
@@ -176,7 +182,8 @@ def table(runs: dict) -> str:
             return st[k]["median"] if k in st else float("nan")
 
         rows.append(
-            f"| {name} | {(r['log']['ready'] or {}).get('device')} | {r['first_call_s'] * 1e3:.0f} "
+            f"| {name} | {(r['log']['ready'] or {}).get('device')} | {(r['log']['engine'] or {}).get('io_binding')} "
+            f"| {r['first_call_s'] * 1e3:.0f} "
             f"| {r['sequential']['e2e_s']['median'] * 1e3:.1f} ({r['sequential']['e2e_s']['min'] * 1e3:.1f}–"
             f"{r['sequential']['e2e_s']['max'] * 1e3:.1f}) | {med('backbone_ms'):.1f} | {med('adapters_ms'):.1f} "
             f"| {med('decode_ms') + med('preprocess_ms'):.1f} | {r['concurrent16']['req_per_s']:.1f} "
@@ -211,6 +218,8 @@ def main(argv: list[str] | None = None) -> int:
         plan.append(("cuda-fp32", args.fp32, "cuda", False, args.sequential, args.burst))
         if args.fp16 and (args.fp16 / "tasks" / "dr-grade" / "1" / "manifest.json").exists():
             plan.append(("cuda-fp16", args.fp16, "cuda", True, args.sequential, args.burst))
+            if "--io-binding" in help_text:
+                plan.append(("cuda-fp16-host", args.fp16, "cuda", True, args.sequential, args.burst))
         else:
             print("  no fp16 repository: cuda-fp16 skipped", flush=True)
 
@@ -224,7 +233,8 @@ def main(argv: list[str] | None = None) -> int:
             started = time.perf_counter()
             daemon = None
             try:
-                daemon = start(args.binary, repository, device, args.lib, via_env, extra)
+                flags = extra + (["--io-binding", "false"] if name.endswith("-host") else [])
+                daemon = start(args.binary, repository, device, args.lib, via_env, flags)
                 startup = time.perf_counter() - started
                 facts = log_facts(daemon.lines)
                 if device == "cuda" and (facts["fallback_warning"]

@@ -22,7 +22,7 @@ use super::stats::Stats;
 use crate::metrics;
 use crate::model::ModelError;
 use crate::model::adapter::Adapter;
-use crate::model::backbone::{Backbone, Features};
+use crate::model::backbone::{Backbone, BoundFeatures, Features};
 
 /// How batches are formed.
 #[derive(Clone, Copy, Debug)]
@@ -33,6 +33,11 @@ pub struct BatchSettings {
     pub max_delay: Duration,
     /// Most jobs waiting per backbone; more are refused.
     pub max_queue: usize,
+    /// The bound path: the backbone's K/V stay where it computed them (device memory under
+    /// CUDA) and side networks read them there, each on the whole batch
+    /// ([`Adapter::run_bound`]); off, they come to the host per image and each adapter runs
+    /// on the images that asked for it.
+    pub io_binding: bool,
 }
 
 impl BatchSettings {
@@ -48,12 +53,14 @@ impl BatchSettings {
                 max_batch: 32,
                 max_delay: Duration::from_millis(2),
                 max_queue: 256,
+                io_binding: true,
             }
         } else {
             BatchSettings {
                 max_batch: 1,
                 max_delay: Duration::ZERO,
                 max_queue: 64,
+                io_binding: false,
             }
         }
     }
@@ -238,7 +245,7 @@ impl Worker {
             rows.push(row);
         }
         let mut backbone_ms = 0.0;
-        let mut computed: Vec<(Job, Arc<Features>, usize)> = Vec::new();
+        let mut computed = None;
         if !live.is_empty() {
             let per_image = live[0].pixels.len();
             let mut pixels = Vec::with_capacity(per_image * keys.len());
@@ -248,23 +255,18 @@ impl Worker {
                 }
             }
             let t = Instant::now();
-            let result = self.backbone.run_batch(pixels, keys.len());
+            let result = self.run_backbone(pixels, keys.len());
             backbone_ms = ms(t.elapsed());
             metrics::stage("backbone", backbone_ms);
             match result {
                 Ok(features) => {
                     self.stats.backbone_batch(keys.len());
-                    let features: Vec<Arc<Features>> = features.into_iter().map(Arc::new).collect();
-                    for (key, f) in keys.iter().zip(&features) {
-                        self.cache.insert(*key, f.clone());
-                    }
-                    for (job, row) in live.into_iter().zip(rows) {
-                        computed.push((job, features[row].clone(), keys.len()));
-                    }
+                    self.remember(&keys, &features);
+                    computed = Some(features);
                 }
                 Err(e) => {
                     let message = e.to_string();
-                    for job in live {
+                    for job in live.drain(..) {
                         let _ = job.reply.send(Err(JobError::Model(ModelError::Inference {
                             model: self.backbone.identity().name,
                             message: message.clone(),
@@ -274,22 +276,48 @@ impl Worker {
             }
         }
 
-        let jobs: Vec<(Job, Arc<Features>, usize)> = ready
-            .into_iter()
-            .map(|(job, f)| (job, f, 0))
-            .chain(computed)
-            .collect();
-        let work: Vec<(&SideWork, &Arc<Features>)> = jobs
-            .iter()
-            .flat_map(|(job, f, _)| job.sides.iter().map(move |s| (s, f)))
-            .collect();
+        // Side networks: cached images' (and, on the host path, the new ones') grouped per
+        // adapter over host K/V; on the bound path the new ones' over the bound batch.
         let t = Instant::now();
-        let mut logits = run_sides(&work).into_iter();
+        let mut host_work: Vec<(&SideWork, &Arc<Features>)> = ready
+            .iter()
+            .flat_map(|(job, f)| job.sides.iter().map(move |s| (s, f)))
+            .collect();
+        let mut bound_logits = Vec::new();
+        match &computed {
+            Some(Computed::Host(features)) => host_work.extend(
+                live.iter()
+                    .zip(&rows)
+                    .flat_map(|(job, &row)| job.sides.iter().map(move |s| (s, &features[row]))),
+            ),
+            Some(Computed::Bound(kv)) => {
+                let work: Vec<(&SideWork, usize)> = live
+                    .iter()
+                    .zip(&rows)
+                    .flat_map(|(job, &row)| job.sides.iter().map(move |s| (s, row)))
+                    .collect();
+                bound_logits = run_sides_bound(&work, kv);
+            }
+            None => {}
+        }
+        let mut host_logits = run_sides(&host_work).into_iter();
+        let mut bound_logits = bound_logits.into_iter();
+        drop(host_work);
         let adapters_ms = ms(t.elapsed());
-        for (job, _, batch_size) in jobs {
+        let batch_size = keys.len();
+        let jobs = ready
+            .into_iter()
+            .map(|(job, _)| (job, 0))
+            .chain(live.into_iter().map(|job| (job, batch_size)));
+        for (job, batch_size) in jobs {
             let queue_ms = ms(started.saturating_duration_since(job.queued_at));
             metrics::stage("queue", queue_ms);
-            let mine: Vec<_> = logits.by_ref().take(job.sides.len()).collect();
+            let mine: Vec<_> = match (&computed, batch_size) {
+                (Some(Computed::Bound(_)), 1..) => {
+                    bound_logits.by_ref().take(job.sides.len()).collect()
+                }
+                _ => host_logits.by_ref().take(job.sides.len()).collect(),
+            };
             let _ = job.reply.send(Ok(JobOutput {
                 logits: mine,
                 batch_size,
@@ -299,28 +327,113 @@ impl Worker {
             }));
         }
     }
+
+    /// One backbone run, on the path the settings choose.
+    fn run_backbone(&self, pixels: Vec<f32>, images: usize) -> Result<Computed, ModelError> {
+        if self.settings.io_binding {
+            let kv = self.backbone.run_bound(pixels, images)?;
+            self.stats.bound_batch(kv.float16());
+            Ok(Computed::Bound(kv))
+        } else {
+            let features = self.backbone.run_batch(pixels, images)?;
+            // the host path takes every image's K/V out of ONNX Runtime's output
+            self.stats.kv_host_copies(images);
+            Ok(Computed::Host(features.into_iter().map(Arc::new).collect()))
+        }
+    }
+
+    /// Puts a batch's features in the feature cache, when it is on: bound K/V are copied to
+    /// the host for it (the cache holds one image's K/V per entry; the batch is one tensor).
+    fn remember(&self, keys: &[CacheKey], computed: &Computed) {
+        if !self.cache.enabled() {
+            return;
+        }
+        let features = match computed {
+            Computed::Host(features) => features.clone(),
+            Computed::Bound(kv) => match kv.to_host() {
+                Ok(features) => {
+                    self.stats.kv_host_copies(keys.len());
+                    features.into_iter().map(Arc::new).collect()
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "K/V not cached: copying them to the host failed");
+                    return;
+                }
+            },
+        };
+        for (key, f) in keys.iter().zip(features) {
+            self.cache.insert(*key, f);
+        }
+    }
+}
+
+/// A backbone batch's features: per image on the host, or the whole batch bound.
+enum Computed {
+    Host(Vec<Arc<Features>>),
+    Bound(BoundFeatures),
 }
 
 /// Runs side networks, each adapter version once on all the images that asked for it;
 /// returns the logits in `work`'s order.
 pub fn run_sides(work: &[(&SideWork, &Arc<Features>)]) -> Vec<Result<Vec<f32>, ModelError>> {
-    let mut results: Vec<Option<Result<Vec<f32>, ModelError>>> =
-        (0..work.len()).map(|_| None).collect();
-    let mut done = vec![false; work.len()];
-    for i in 0..work.len() {
+    per_adapter(
+        work.len(),
+        |i| &work[i].0.adapter,
+        |adapter, group| {
+            let inputs: Vec<(&[f32], &Features)> = group
+                .iter()
+                .map(|&j| (work[j].0.pixels.as_slice(), work[j].1.as_ref()))
+                .collect();
+            adapter.run_batch(&inputs)
+        },
+    )
+}
+
+/// [`run_sides`] on a bound backbone batch: each adapter version once on the whole batch
+/// (`work` pairs a side view with its image's row), keeping the rows that asked for it.
+pub fn run_sides_bound(
+    work: &[(&SideWork, usize)],
+    kv: &BoundFeatures,
+) -> Vec<Result<Vec<f32>, ModelError>> {
+    per_adapter(
+        work.len(),
+        |i| &work[i].0.adapter,
+        |adapter, group| {
+            let per_image = work[group[0]].0.pixels.len();
+            let mut pixels = vec![0.0f32; per_image * kv.images()];
+            for &j in group {
+                let (side, row) = work[j];
+                pixels[row * per_image..(row + 1) * per_image].copy_from_slice(&side.pixels);
+            }
+            let mut rows = adapter.run_bound(pixels, kv)?;
+            Ok(group
+                .iter()
+                .map(|&j| std::mem::take(&mut rows[work[j].1]))
+                .collect())
+        },
+    )
+}
+
+/// Groups `n` side-network items by adapter version, runs each group once (`run` returns
+/// one logits vector per member, in order) and puts the results back in item order; a
+/// failed run fails its group's items, naming the adapter.
+fn per_adapter<'a>(
+    n: usize,
+    adapter_of: impl Fn(usize) -> &'a Arc<Adapter>,
+    mut run: impl FnMut(&Arc<Adapter>, &[usize]) -> Result<Vec<Vec<f32>>, ModelError>,
+) -> Vec<Result<Vec<f32>, ModelError>> {
+    let mut results: Vec<Option<Result<Vec<f32>, ModelError>>> = (0..n).map(|_| None).collect();
+    let mut done = vec![false; n];
+    for i in 0..n {
         if done[i] {
             continue;
         }
-        let adapter = &work[i].0.adapter;
-        let group: Vec<usize> = (i..work.len())
-            .filter(|&j| !done[j] && Arc::ptr_eq(&work[j].0.adapter, adapter))
-            .collect();
-        let inputs: Vec<(&[f32], &Features)> = group
-            .iter()
-            .map(|&j| (work[j].0.pixels.as_slice(), work[j].1.as_ref()))
+        let adapter = adapter_of(i);
+        let group: Vec<usize> = (i..n)
+            .filter(|&j| !done[j] && Arc::ptr_eq(adapter_of(j), adapter))
             .collect();
         let t = Instant::now();
-        let outcome = adapter.run_batch(&inputs);
+        let outcome = run(adapter, &group);
         metrics::stage("adapter", ms(t.elapsed()));
         match outcome {
             Ok(logits) => {

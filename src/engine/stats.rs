@@ -16,6 +16,9 @@ pub struct Stats {
     rejected_queue_full: AtomicU64,
     cache_hits: AtomicU64,
     cache_misses: AtomicU64,
+    bound_batches: AtomicU64,
+    bound_float16_batches: AtomicU64,
+    kv_host_copies: AtomicU64,
     in_flight: AtomicI64,
     queued: AtomicI64,
 }
@@ -37,6 +40,13 @@ pub struct StatsSnapshot {
     pub cache_hits: u64,
     /// Backbone passes the feature cache did not hold (cache enabled only).
     pub cache_misses: u64,
+    /// Backbone batches on the bound path (K/V left where the backbone computed them).
+    pub bound_batches: u64,
+    /// Those whose K/V were float16, as the side networks read them.
+    pub bound_float16_batches: u64,
+    /// Images whose K/V fptserve copied out of ONNX Runtime into host buffers: every image
+    /// on the host path, only those the feature cache keeps on the bound path.
+    pub kv_host_copies: u64,
     /// Calls in flight (admitted, not yet finished).
     pub in_flight: i64,
     /// Backbone jobs waiting in queues.
@@ -59,6 +69,9 @@ impl Stats {
             rejected_queue_full: get(&self.rejected_queue_full),
             cache_hits: get(&self.cache_hits),
             cache_misses: get(&self.cache_misses),
+            bound_batches: get(&self.bound_batches),
+            bound_float16_batches: get(&self.bound_float16_batches),
+            kv_host_copies: get(&self.kv_host_copies),
             in_flight: self.in_flight.load(Ordering::Relaxed),
             queued: self.queued.load(Ordering::Relaxed),
         }
@@ -68,6 +81,19 @@ impl Stats {
         add(&self.backbone_batches, 1);
         add(&self.backbone_images, images as u64);
         crate::metrics::backbone_batch(images);
+    }
+
+    pub(crate) fn bound_batch(&self, float16: bool) {
+        add(&self.bound_batches, 1);
+        if float16 {
+            add(&self.bound_float16_batches, 1);
+        }
+        crate::metrics::bound_batch(float16);
+    }
+
+    pub(crate) fn kv_host_copies(&self, images: usize) {
+        add(&self.kv_host_copies, images as u64);
+        crate::metrics::kv_host_copies(images);
     }
 
     pub(crate) fn dropped(&self, reason: super::Abandoned) {

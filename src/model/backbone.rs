@@ -6,8 +6,12 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use half::f16;
-use ort::session::SessionInputValue;
-use ort::value::{DynValue, Tensor, TensorRef, ValueType};
+use ort::memory::{AllocationDevice, Allocator, AllocatorType, MemoryInfo, MemoryType};
+use ort::session::IoBinding;
+use ort::session::{Session, SessionInputValue};
+use ort::value::{
+    DynTensor, DynTensorValueType, Tensor, TensorRef, TensorValueTypeMarker, Value, ValueType,
+};
 
 use super::{Model, ModelError};
 use crate::repository::manifest::{BackboneManifest, BackboneRef};
@@ -69,7 +73,10 @@ impl KvData {
     }
 
     /// Splits a batch output into one part per image.
-    fn split(value: &DynValue, images: usize) -> Result<Vec<KvData>, String> {
+    fn split<V: TensorValueTypeMarker + ?Sized>(
+        value: &Value<V>,
+        images: usize,
+    ) -> Result<Vec<KvData>, String> {
         fn chunks<T: Clone>(data: &[T], images: usize) -> Vec<Vec<T>> {
             let per = data.len() / images.max(1);
             data.chunks(per.max(1)).map(<[T]>::to_vec).collect()
@@ -111,6 +118,70 @@ impl Features {
     /// Memory its K/V take.
     pub fn bytes(&self) -> usize {
         self.key.bytes() + self.value.bytes()
+    }
+}
+
+/// A backbone batch's K/V left where the backbone computed them (device memory under the
+/// CUDA execution provider, host memory under the CPU one), for side networks to read
+/// there through I/O binding: the bound path, with no host copy between the two models.
+pub struct BoundFeatures {
+    /// `key_states` of the whole batch.
+    pub key: DynTensor,
+    /// `value_states` of the whole batch.
+    pub value: DynTensor,
+    /// `[images, layers, heads, k, head_dim]`.
+    pub shape: [usize; 5],
+}
+
+impl BoundFeatures {
+    /// Images in the batch.
+    pub fn images(&self) -> usize {
+        self.shape[0]
+    }
+
+    /// Whether the K/V are float16 (a backbone exported for the GPU).
+    pub fn float16(&self) -> bool {
+        matches!(
+            self.key.dtype(),
+            ValueType::Tensor {
+                ty: ort::value::TensorElementType::Float16,
+                ..
+            }
+        )
+    }
+
+    /// Bytes of K/V, wherever they are.
+    pub fn bytes(&self) -> usize {
+        let elements: usize = self.shape.iter().product();
+        2 * elements * if self.float16() { 2 } else { 4 }
+    }
+
+    /// Each image's K/V on the host (what the feature cache keeps): copied from device
+    /// memory first when they are there.
+    pub fn to_host(&self) -> Result<Vec<Features>, String> {
+        let images = self.images();
+        let host = |t: &DynTensor| -> Result<Vec<KvData>, String> {
+            if t.memory_info().is_cpu_accessible() {
+                KvData::split(t, images)
+            } else {
+                let copy = t.to(AllocationDevice::CPU, 0).map_err(|e| e.to_string())?;
+                KvData::split(&copy, images)
+            }
+        };
+        let keys = host(&self.key)?;
+        let values = host(&self.value)?;
+        let shape = [
+            1,
+            self.shape[1],
+            self.shape[2],
+            self.shape[3],
+            self.shape[4],
+        ];
+        Ok(keys
+            .into_iter()
+            .zip(values)
+            .map(|(key, value)| Features { shape, key, value })
+            .collect())
     }
 }
 
@@ -209,6 +280,48 @@ impl Backbone {
         self.infer(pixels, images)
     }
 
+    /// [`Backbone::run_batch`] on the bound path: the K/V stay in the execution provider's
+    /// memory ([`BoundFeatures`]); under CUDA the pixels go up from pinned host memory.
+    pub fn run_bound(&self, pixels: Vec<f32>, images: usize) -> Result<BoundFeatures, ModelError> {
+        self.model.request_run("backbone");
+        let error = |e: ort::Error| self.model.inference_error(e);
+        let [h, w] = self.input_size;
+        let shape = [images, 3, h, w];
+        let memory = self.model.device_memory().map_err(error)?;
+        let mut session = self.model.lock();
+        let mut binding = session.create_binding().map_err(error)?;
+        bind_pixels(&mut binding, &session, &memory, shape, pixels).map_err(error)?;
+        binding
+            .bind_output_to_device("key_states", &memory)
+            .map_err(error)?;
+        binding
+            .bind_output_to_device("value_states", &memory)
+            .map_err(error)?;
+        let mut outputs = session.run_binding(&binding).map_err(error)?;
+        let mut take = |name: &str| -> Result<DynTensor, ModelError> {
+            outputs
+                .remove(name)
+                .ok_or_else(|| self.model.inference_error(format!("no output {name}")))?
+                .downcast::<DynTensorValueType>()
+                .map_err(error)
+        };
+        let key = take("key_states")?;
+        let value = take("value_states")?;
+        drop(outputs);
+        drop(binding);
+        drop(session);
+        let shape: [usize; 5] = match key.shape().iter().map(|&d| d as usize).collect::<Vec<_>>()[..]
+        {
+            [n, l, h, k, d] if n == images => [n, l, h, k, d],
+            ref other => {
+                return Err(self.model.inference_error(format!(
+                    "key_states has shape {other:?}, expected {images} images in 5 dimensions"
+                )));
+            }
+        };
+        Ok(BoundFeatures { key, value, shape })
+    }
+
     fn infer(&self, pixels: Vec<f32>, images: usize) -> Result<Vec<Features>, ModelError> {
         let [h, w] = self.input_size;
         let input = Tensor::from_array(([images, 3, h, w], pixels))
@@ -246,4 +359,32 @@ impl Backbone {
             .map(|(key, value)| Features { shape, key, value })
             .collect())
     }
+}
+
+/// Binds the backbone's input: the caller's host buffer as it is on the CPU; under CUDA a
+/// copy in pinned (page-locked) host memory, so the upload is one DMA transfer.
+///
+/// Bound inputs are owned tensors: `ort` (2.0.0-rc.15) copies a borrowed one
+/// (`TensorRef`) when binding it, through a helper session whose lock it then takes twice,
+/// which hangs the run.
+fn bind_pixels(
+    binding: &mut IoBinding,
+    session: &Session,
+    memory: &MemoryInfo<'static>,
+    shape: [usize; 4],
+    pixels: Vec<f32>,
+) -> ort::Result<()> {
+    if memory.is_cpu_accessible() {
+        return binding.bind_input("pixel_values", &Tensor::from_array((shape, pixels))?);
+    }
+    let pinned = MemoryInfo::new(
+        AllocationDevice::CUDA_PINNED,
+        0,
+        AllocatorType::Device,
+        MemoryType::CPUInput,
+    )?;
+    let allocator = Allocator::new(session, pinned)?;
+    let mut tensor = Tensor::<f32>::new(&allocator, shape)?;
+    tensor.extract_tensor_mut().1.copy_from_slice(&pixels);
+    binding.bind_input("pixel_values", &tensor)
 }

@@ -9,12 +9,13 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
+use ort::memory::{AllocationDevice, AllocatorType, MemoryInfo, MemoryType};
 use ort::session::Session;
 use ort::value::{TensorElementType, ValueType};
 use sha2::{Digest, Sha256};
 
 use crate::repository::manifest::{ManifestError, TensorSpec};
-use crate::runtime::{Memory, Runtime};
+use crate::runtime::{Device, Memory, Runtime};
 
 /// Why a model could not be loaded or run.
 #[derive(Debug, thiserror::Error)]
@@ -173,6 +174,16 @@ fn check_interface(
     problems
 }
 
+/// Host memory, where bound outputs the request path reads (logits) are put.
+pub(crate) fn host_memory() -> ort::Result<MemoryInfo<'static>> {
+    MemoryInfo::new(
+        AllocationDevice::CPU,
+        0,
+        AllocatorType::Device,
+        MemoryType::Default,
+    )
+}
+
 /// An ONNX Runtime session behind a mutex: `ort` runs take `&mut Session`.
 ///
 /// The lock is held only for one run; nothing else (in particular not the adapter
@@ -180,6 +191,8 @@ fn check_interface(
 pub(crate) struct Model {
     session: Mutex<Session>,
     path: PathBuf,
+    /// Where its session runs (CPU when CUDA was asked for but failed to start).
+    device: Device,
     /// It has run once: ONNX Runtime's first-run set-up is paid.
     warm: AtomicBool,
 }
@@ -209,6 +222,7 @@ impl Model {
         Ok(Model {
             session: Mutex::new(session),
             path,
+            device: runtime.device(),
             warm: AtomicBool::new(false),
         })
     }
@@ -217,6 +231,20 @@ impl Model {
         // A panic inside a run leaves the session itself intact (ONNX Runtime owns
         // its state), so a poisoned lock is still safe to use.
         self.session.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The memory its execution provider computes in: where bound outputs stay (device
+    /// memory under CUDA, host memory on the CPU).
+    pub(crate) fn device_memory(&self) -> ort::Result<MemoryInfo<'static>> {
+        match self.device {
+            Device::Cuda(ordinal) => MemoryInfo::new(
+                AllocationDevice::CUDA,
+                ordinal,
+                AllocatorType::Device,
+                MemoryType::Default,
+            ),
+            Device::Cpu => host_memory(),
+        }
     }
 
     /// Marks the model warm: a warm-up run succeeded.
