@@ -144,6 +144,15 @@ panels.append(ts("Feature cache entries", "Images held in the feature cache, per
                  "short", 20, 4))
 y += 8
 
+row("K/V path")
+panels.append(ts("Bound backbone batches / s", "Backbone batches whose K/V stayed where they were computed (GPU memory under CUDA) for the side networks (FPTSERVE_IO_BINDING), by K/V element type.",
+                 [(f'sum by (kv_dtype) (rate(fptserve_backbone_bound_batches_total{{{SEL}}}{R}))', "{{kv_dtype}}")],
+                 "ops", 0, 12))
+panels.append(ts("K/V copied to host / s", "Images whose K/V were copied into host buffers: every image when not bound, only those the feature cache keeps when bound.",
+                 [(f'sum by (instance) (rate(fptserve_kv_host_copies_total{{{SEL}}}{R}))', "{{instance}}")],
+                 "ops", 12, 12))
+y += 8
+
 row("Models")
 panels.append(ts("Adapters by state", "Task adapter versions per replica: loaded (serving), evicted (under FPTSERVE_MAX_ADAPTERS, reloaded on demand), failed (refused at their last load).",
                  [(f'sum by (instance, state) (fptserve_adapters{{{SEL}}})', "{{state}} {{instance}}")],
