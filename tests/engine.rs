@@ -175,7 +175,10 @@ async fn concurrent_calls_for_different_tasks_share_backbone_batches() {
 async fn the_bound_path_answers_as_the_host_path_for_mixed_batches_with_and_without_the_cache() {
     let reference = reference();
     let cases = &reference.cases;
-    let chosen = mixed_batch(cases);
+    // the mixed batch's six calls, and a seventh asking what the first asks (one backbone
+    // row, two jobs on one adapter version)
+    let mixed = mixed_batch(cases);
+    let chosen: Vec<&Case> = mixed.iter().copied().chain([mixed[0]]).collect();
     let host = TestServer::start_demo_engine(settings_on(false, 8, 1500, 0)).await;
     let expected = classify_concurrently(&host, &chosen).await;
     let stats = host.engine.stats();
@@ -188,6 +191,12 @@ async fn the_bound_path_answers_as_the_host_path_for_mixed_batches_with_and_with
     let same = |got: &[ClassifyResponse], what: &str| {
         for ((case, got), want) in chosen.iter().zip(got).zip(&expected) {
             let task = format!("{}@{}", case.task, case.version);
+            assert_eq!(
+                probabilities(got).len(),
+                case.classes.len(),
+                "{what}: {task} on {}",
+                case.input
+            );
             for (a, b) in probabilities(got).iter().zip(probabilities(want)) {
                 assert!(
                     (a - b).abs() <= 1e-6,
@@ -237,7 +246,7 @@ async fn the_bound_path_answers_as_the_host_path_for_mixed_batches_with_and_with
     }
     same(&again, "bound, cache on, from the cache");
     let stats = cached.engine.stats();
-    assert_eq!((stats.bound_batches, stats.cache_hits), (1, 6), "{stats:?}");
+    assert_eq!((stats.bound_batches, stats.cache_hits), (1, 7), "{stats:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

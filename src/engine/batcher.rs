@@ -405,11 +405,8 @@ pub fn run_sides_bound(
                 let (side, row) = work[j];
                 pixels[row * per_image..(row + 1) * per_image].copy_from_slice(&side.pixels);
             }
-            let mut rows = adapter.run_bound(pixels, kv)?;
-            Ok(group
-                .iter()
-                .map(|&j| std::mem::take(&mut rows[work[j].1]))
-                .collect())
+            let rows = adapter.run_bound(pixels, kv)?;
+            Ok(group.iter().map(|&j| rows[work[j].1].clone()).collect())
         },
     )
 }
