@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -186,7 +187,7 @@ def test_adapters_covered_and_skipped(plain):
 
 def session_with_indices(path: Path):
     """ONNX Runtime session on the file with every TopK's indices as extra outputs (graph order =
-    the K/V layer axis order)."""
+    the K/V layer axis order; a float16 graph's TopK too: int64 indices either way)."""
     model = onnx.load(str(path))
     names = [n.output[1] for n in model.graph.node if n.op_type == "TopK"]
     for name in names:
@@ -232,11 +233,55 @@ def close(a, b):
     return a == pytest.approx(b, rel=1e-5, abs=1e-7)
 
 
+@pytest.fixture(scope="module")
+def half(plain, tmp_path_factory):
+    """The float16 variant of the plain repository's backbone, in a copy of that repository."""
+    repo = tmp_path_factory.mktemp("quant-half") / "repo"
+    shutil.copytree(plain["repo"], repo)
+    shutil.rmtree(repo / "backbones" / "tiny-int8")
+    root = plain["root"]
+    manifest = Q.quantize_backbone(repo, "tiny", calibration=root / "cal", evaluation=root / "eval",
+                                   precision="float16", log=quiet)
+    return {**plain, "repo": repo, "manifest": manifest}
+
+
+def test_float16_variant_keeps_the_float32_interface(half):
+    repo, m = half["repo"], half["manifest"]
+    fp32, _ = read_backbone(repo, "tiny")
+    folder = repo / "backbones" / "tiny-fp16"
+    assert json.loads((folder / "manifest.json").read_text()) == m
+    read_backbone(repo, "tiny-fp16")  # digest checked
+    assert m["name"] == "tiny-fp16" and m["precision"] == "float16"
+    assert m["quantized_from"] == {"name": "tiny", "sha256": fp32["sha256"]}
+    for key in ("architecture", "inputs", "outputs", "source_weights", "opset"):
+        assert m[key] == fp32[key], key  # float32 pixels in, float32 K/V out: the adapters' interface
+    q = m["quantization"]
+    assert q["method"] == "float16" and q["kept_float"][0]["nodes"] == "TopK"
+    assert q["fidelity_images"]["images"] == len(half["cal"])
+
+    # the graph: every weight matrix float16, none float32; float32 at both ends
+    model = onnx.load(str(folder / "backbone.onnx"))
+    weights = [t for t in model.graph.initializer if len(t.dims) == 2 and t.dims[0] >= 32 and t.dims[1] >= 32]
+    assert len(weights) >= 33 and all(t.data_type == onnx.TensorProto.FLOAT16 for t in weights)
+    elem = onnx.TensorProto.FLOAT
+    assert [i.type.tensor_type.elem_type for i in model.graph.input] == [elem]
+    assert [o.type.tensor_type.elem_type for o in model.graph.output] == [elem, elem]
+    assert len(Q.selection_nodes(model.graph)) == 3  # the token selection is found through the Casts
+
+    # float16 rounding only: the unit roundoff is 2^-11 (4.9e-4); the K/V of the tokens both
+    # select are a few roundings deep per layer, so their relative error stays within ~10 of them
+    s = m["fidelity"]["summary"]
+    assert 0 < s["kv_max_relative_error"] <= 5e-3, s
+    assert s["token_sets_jaccard_mean"] >= 0.95, s
+    assert s["batch_consistency_max_abs_diff"] is not None
+
+
+@pytest.mark.parametrize("variant", ["int8", "fp16"])
 @pytest.mark.parametrize("split", ["calibration", "evaluation"])
-def test_report_matches_independent_recomputation(plain, split):
-    repo, m = plain["repo"], plain["manifest"]
+def test_report_matches_independent_recomputation(plain, half, split, variant):
+    repo, m = (plain["repo"], plain["manifest"]) if variant == "int8" else (half["repo"], half["manifest"])
     fp32_path = repo / "backbones" / "tiny" / "backbone.onnx"
-    int8_path = repo / "backbones" / "tiny-int8" / "backbone.onnx"
+    int8_path = repo / "backbones" / f"tiny-{variant}" / "backbone.onnx"
     files = plain["cal"] if split == "calibration" else plain["eval"]
     images = [load_rgb(p) for p in files]
     px = np.stack([to_tensor(img, [64, 64], MEAN_A, STD_A) for img in images])

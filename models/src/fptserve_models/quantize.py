@@ -1,7 +1,15 @@
-"""INT8 variant of an exported float32 backbone, with a fidelity report computed at export (issue 18).
+"""INT8 (CPU) or float16 (GPU) variant of an exported float32 backbone, with a fidelity report
+computed at export (issues 18 and 20).
 
     python -m fptserve_models.quantize --out REPO --backbone vit-b16-512 [--name vit-b16-512-int8]
         [--method smoothquant-static] [--calibration DIR] [--evaluation DIR] [--adapters-repo DIR]
+    python -m fptserve_models.quantize --out REPO --backbone vit-b16-512 --precision float16
+
+``--precision float16`` converts the whole graph to float16 (ONNX Runtime's converter; TopK stays
+float32) with Casts at both ends, so it keeps the float32 interface below and the float32
+backbone's adapters run on it unchanged; the daemon prefers it on a GPU (``--backbone-precision``).
+It needs no calibration: the images only feed the fidelity report. The rest of this docstring is
+about INT8.
 
 writes ``REPO/backbones/<name>/{backbone.onnx, manifest.json}``: the same interface as the fp32
 backbone (float32 pixels in, float32 K/V out, same shapes), its Linear layers computed in INT8 by
@@ -94,6 +102,8 @@ def ort_session(model):
 
 
 
+# precision -> default folder suffix
+PRECISIONS = {"int8": "int8", "float16": "fp16"}
 METHODS = ("dynamic", "static", "smoothquant-dynamic", "smoothquant-static", "dynamic-ln-fp32")
 DEFAULT_METHOD = "smoothquant-static"
 DEFAULT_ALPHA = 0.5
@@ -293,15 +303,23 @@ def weight_matmuls(graph) -> list:
 
 
 def selection_nodes(graph) -> list[tuple[Any, Any, Any]]:
-    """(Softmax, ReduceMean, TopK) of every used layer, in graph order: the importance path."""
+    """(Softmax, ReduceMean, TopK) of every used layer, in graph order: the importance path (a
+    float16 graph may put Casts between them: TopK stays float32 there)."""
     cons = _consumers(graph)
+
+    def following(name: str) -> list:
+        out = []
+        for n in cons.get(name, []):
+            out.extend(following(n.output[0]) if n.op_type == "Cast" else [n])
+        return out
+
     found = []
     for n in graph.node:
         if n.op_type != "Softmax":
             continue
-        for r in cons.get(n.output[0], []):
+        for r in following(n.output[0]):
             if r.op_type == "ReduceMean":
-                for t in cons.get(r.output[0], []):
+                for t in following(r.output[0]):
                     if t.op_type == "TopK":
                         found.append((n, r, t))
     return found
@@ -626,7 +644,7 @@ def fuse_unused_attention(model, num_heads: int):
 
 
 # --------------------------------------------------------------------------------------------
-# building the INT8 model
+# building the variant: INT8 (CPU) or float16 (GPU)
 # --------------------------------------------------------------------------------------------
 
 
@@ -687,6 +705,31 @@ def build_int8(fp32_model, method: str, calibration_pixels: np.ndarray, num_head
         "build_seconds": round(time.perf_counter() - t0, 3),
     })
     return Built(q, info)
+
+
+def build_float16(fp32_model) -> Built:
+    """The float16 variant for GPUs: every weight and activation float16 (Tensor Cores, half the
+    weight memory), except the ops ONNX Runtime's converter keeps float32 (TopK: the token ranking
+    reads float32 importances), with Casts at both ends so that the interface is the float32
+    backbone's: float32 pixels in, float32 K/V out. The adapters trained on the float32 backbone
+    therefore run unchanged on its K/V; the Casts run where the backbone runs (on the GPU)."""
+    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
+
+    m = _load(fp32_model)
+    if not selection_nodes(m.graph):
+        raise QuantizeError("no Softmax -> ReduceMean -> TopK token-selection path found: not an fptserve backbone graph")
+    t0 = time.perf_counter()
+    half = convert_float_to_float16(m, keep_io_types=True)
+    present = {n.op_type for n in m.graph.node}
+    kept = sorted(present & set(DEFAULT_OP_BLOCK_LIST))
+    info = {
+        "tool": "onnxruntime.transformers.float16.convert_float_to_float16 (keep_io_types: float32 pixels in, "
+                "float32 K/V out)",
+        "kept_float": [{"nodes": ", ".join(kept) or "none",
+                        "why": "ONNX Runtime's converter keeps these ops float32 (Casts around them)"}],
+        "build_seconds": round(time.perf_counter() - t0, 3),
+    }
+    return Built(half, info)
 
 
 def kept_float(method: str, fused: int, selection_layers: int) -> list[dict[str, str]]:
@@ -862,18 +905,19 @@ def find_adapters(repository: str | Path, backbone: dict[str, Any]) -> tuple[lis
 
 def fidelity_report(
     fp32_model, int8_model, sets: Sequence[ImageSet], adapters: Sequence[Adapter], normalization: dict[str, Any],
-    image_size: int, consistency_batch: int = 4, log: Callable[[str], None] = log_stderr,
+    image_size: int, consistency_batch: int = 4, log: Callable[[str], None] = log_stderr, variant: str = "int8",
 ) -> dict[str, Any]:
-    """The fidelity section of the manifest: int8 against fp32 on the same preprocessed images.
+    """The fidelity section of the manifest: the variant (``variant`` names its precision in the
+    report) against fp32 on the same preprocessed images.
 
     Every image is run alone (batch 1), as the daemon may run it; ``batch_consistency`` then runs
-    the first ``consistency_batch`` evaluation images as one batch through the int8 model and
+    the first ``consistency_batch`` evaluation images as one batch through the variant and
     compares with their batch-1 K/V (static quantization is batch-invariant, dynamic is not: its
     activation ranges span the whole batch)."""
     ref_bytes, ref_idx = with_selection_outputs(fp32_model)
     got_bytes, got_idx = with_selection_outputs(int8_model)
     if len(ref_idx) != len(got_idx):
-        raise QuantizeError(f"token selection layers: fp32 has {len(ref_idx)}, int8 has {len(got_idx)}")
+        raise QuantizeError(f"token selection layers: fp32 has {len(ref_idx)}, {variant} has {len(got_idx)}")
     ref_sess, got_sess = ort_session(ref_bytes), ort_session(got_bytes)
     del ref_bytes, got_bytes
     runs: dict[tuple, tuple[BackboneRun, BackboneRun]] = {}
@@ -887,7 +931,7 @@ def fidelity_report(
             t1 = time.perf_counter()
             q = run_backbone(got_sess, got_idx, px, 1)
             t2 = time.perf_counter()
-            log(f"fidelity: {split.name} ({len(px)} images, mean {list(mean)}): fp32 {t1 - t0:.1f} s, int8 {t2 - t1:.1f} s")
+            log(f"fidelity: {split.name} ({len(px)} images, mean {list(mean)}): fp32 {t1 - t0:.1f} s, {variant} {t2 - t1:.1f} s")
             runs[key] = (r, q)
         return runs[key]
 
@@ -907,7 +951,7 @@ def fidelity_report(
         consistency = {
             "images": n, "split": last.name,
             "max_abs_diff": float(max(np.abs(k - single.keys[:n]).max(), np.abs(v - single.values[:n]).max())),
-            "method": f"int8 K/V of the first {n} {last.name} images run as one batch vs each run alone",
+            "method": f"{variant} K/V of the first {n} {last.name} images run as one batch vs each run alone",
         }
     adapter_reports = []
     for ad in adapters:
@@ -952,7 +996,8 @@ def fidelity_report(
             "/255, (x - mean) / std, float32), one image per run. kv: K/V rows of the tokens both select, matched "
             "by token index (top-k order may differ), abs and relative (L2) error; served_max_abs_diff compares the "
             "outputs position by position. token_sets: per (image, layer, head), Jaccard index of the selected "
-            "token sets and tokens swapped. adapters: each adapter's side.onnx on fp32 vs int8 K/V, with its own "
+            "token sets and tokens swapped. adapters: "
+            f"each adapter's side.onnx on fp32 vs {variant} K/V, with its own "
             "normalisation: softmax (float64) probabilities and argmax labels"
         ),
         "normalization": normalization,
@@ -996,19 +1041,24 @@ def quantize_backbone(
     alpha: float = DEFAULT_ALPHA,
     fuse_attention: bool = False,
     overwrite: bool = False,
+    precision: str = "int8",
     log: Callable[[str], None] = log_stderr,
 ) -> dict[str, Any]:
-    """Write ``repository/backbones/<name>/`` (default name ``<backbone>-int8``); returns its manifest.
+    """Write ``repository/backbones/<name>/`` (default name ``<backbone>-int8``, or ``-fp16`` for
+    ``precision="float16"``); returns its manifest.
 
-    Calibration covers every normalisation the backbone will see: each calibration image is
+    A float16 variant needs no calibration: the calibration and evaluation images only feed its
+    fidelity report. For INT8, calibration covers every normalisation the backbone will see: each calibration image is
     preprocessed with ``mean``/``std`` (when given) and with each covered adapter's; the K/V and
     token-set report uses ``mean``/``std``, else the first adapter's, else 0.5/0.5."""
     ex = _export()
     fp32_manifest, fp32_path = ex.read_backbone(repository, backbone)
-    name = name or f"{backbone}-int8"
+    if precision not in PRECISIONS:
+        raise QuantizeError(f"unknown precision {precision!r}; one of {', '.join(PRECISIONS)}")
+    name = name or f"{backbone}-{PRECISIONS[precision]}"
     ex.check_name("backbone name", name)
     if name == backbone:
-        raise QuantizeError("the INT8 variant needs a name of its own (it is a new backbone folder)")
+        raise QuantizeError("the variant needs a name of its own (it is a new backbone folder)")
     arch = fp32_manifest["architecture"]
     if arch.get("kv_dtype") != "float32" or fp32_manifest.get("precision", "float32") != "float32" or fp32_manifest.get("quantized_from"):
         raise QuantizeError(f"backbone {backbone!r} is not a float32 backbone (kv_dtype {arch.get('kv_dtype')!r}, "
@@ -1040,17 +1090,22 @@ def quantize_backbone(
     ev = load_image_folder("evaluation", evaluation) if evaluation else synthetic_images("evaluation", evaluation_images, seed + 1, size)
     cal_pixels = np.concatenate([preprocess_set(cal.images, [size, size], m_, s_) for m_, s_ in norms])
 
-    log(f"quantize {backbone} -> {name}: method {method}, {len(cal.images)} calibration images x {len(norms)} "
-        f"normalisation(s), {len(ev.images)} evaluation images, {len(adapters)} adapter(s)")
+    int8 = precision == "int8"
+    log(f"{precision} variant {backbone} -> {name}: " + (f"method {method}, " if int8 else "")
+        + f"{len(cal.images)} calibration images x {len(norms)} normalisation(s), {len(ev.images)} evaluation images, "
+        f"{len(adapters)} adapter(s)")
     import onnx
 
     fp32_model = onnx.load(str(fp32_path))
-    built = build_int8(fp32_model, method, cal_pixels, int(arch["num_heads"]), alpha=alpha,
-                       fuse_attention=fuse_attention, batch=calibration_batch(size, int(arch["patch_size"])), log=log)
+    if int8:
+        built = build_int8(fp32_model, method, cal_pixels, int(arch["num_heads"]), alpha=alpha,
+                           fuse_attention=fuse_attention, batch=calibration_batch(size, int(arch["patch_size"])), log=log)
+    else:
+        built = build_float16(fp32_model)
     data = built.model.SerializeToString()
     fidelity = fidelity_report(fp32_model, built.model, [cal, ev], adapters,
                                {k: normalization[k] for k in ("mean", "std", "source")}, size,
-                               consistency_batch=4 if size * size <= 256 * 256 else 2, log=log)
+                               consistency_batch=4 if size * size <= 256 * 256 else 2, log=log, variant=precision)
     if skipped:
         fidelity["adapters_skipped"] = skipped
     del fp32_model
@@ -1063,6 +1118,16 @@ def quantize_backbone(
     if cal.files_sha256:
         calib["files_sha256"] = cal.files_sha256
     info = built.info
+    if not int8:
+        return _write_variant(folder, data, fp32_manifest, name, "float16", {
+            "method": "float16",
+            "tool": info["tool"],
+            "kept_float": info["kept_float"],
+            "fidelity_images": calib,
+            "runtime": "for the CUDA execution provider (Tensor Cores); on a CPU ONNX Runtime casts most nodes back "
+                       "to float32 around kernels it lacks in float16, slower than the float32 backbone",
+            "build_seconds": info["build_seconds"],
+        }, fidelity, seed if (cal.synthetic or ev.synthetic) else None, overwrite)
     quantization = {
         "method": method,
         "per_channel": True,
@@ -1089,6 +1154,16 @@ def quantize_backbone(
         quantization["fidelity_images"] = calib  # what the report used; nothing was calibrated
     if "smoothing" in info:
         quantization["smoothing"] = info["smoothing"]
+    return _write_variant(folder, data, fp32_manifest, name, "int8", quantization, fidelity,
+                          seed if (cal.synthetic or ev.synthetic) else None, overwrite)
+
+
+def _write_variant(folder: Path, data: bytes, fp32_manifest: dict[str, Any], name: str, precision: str,
+                   quantization: dict[str, Any], fidelity: dict[str, Any], seed: int | None,
+                   overwrite: bool) -> dict[str, Any]:
+    """The variant's manifest (the float32 backbone's interface, ``precision``, ``quantized_from``),
+    written with ``data`` as ``folder``; returns the manifest."""
+    ex = _export()
     manifest = {
         "format": ex.BACKBONE_FORMAT,
         "name": name,
@@ -1099,11 +1174,11 @@ def quantize_backbone(
         "inputs": fp32_manifest["inputs"],
         "outputs": fp32_manifest["outputs"],
         "opset": fp32_manifest.get("opset"),
-        "precision": "int8",
+        "precision": precision,
         "quantized_from": {"name": fp32_manifest["name"], "sha256": fp32_manifest["sha256"]},
         "quantization": quantization,
         "fidelity": fidelity,
-        "provenance": {**ex.versions(), "seed": seed if (cal.synthetic or ev.synthetic) else None},
+        "provenance": {**ex.versions(), "seed": seed},
     }
     _write_folder(folder, data, manifest, overwrite)
     return manifest
@@ -1144,7 +1219,10 @@ def _floats(text: str | None) -> list[float] | None:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="model repository holding the float32 backbone; the variant is written there")
     p.add_argument("--backbone", required=True, help="name of the float32 backbone in the repository")
-    p.add_argument("--name", help="name of the INT8 variant (default <backbone>-int8)")
+    p.add_argument("--precision", choices=tuple(PRECISIONS), default="int8",
+                   help="int8 (CPU serving; the default) or float16 (GPU serving: float16 weights and activations, "
+                        "float32 pixels in and K/V out, so the float32 backbone's adapters run on it unchanged)")
+    p.add_argument("--name", help="name of the variant (default <backbone>-int8, or <backbone>-fp16)")
     p.add_argument("--method", choices=METHODS, default=DEFAULT_METHOD, help=f"quantization method (default {DEFAULT_METHOD})")
     p.add_argument("--calibration", help="folder of PNG/JPEG calibration images (default: seeded synthetic images)")
     p.add_argument("--evaluation", help="folder of PNG/JPEG evaluation images for the fidelity report (default: seeded synthetic)")
@@ -1168,8 +1246,9 @@ def cmd_quantize_backbone(args) -> None:
         m = _run_command(args)
     except QuantizeError as e:
         raise _export().ExportError(str(e)) from None
-    print(json.dumps({"backbone": m["name"], "sha256": m["sha256"], "quantized_from": m["quantized_from"],
-                      "method": m["quantization"]["method"], "fidelity": m["fidelity"]["summary"]}, indent=2))
+    print(json.dumps({"backbone": m["name"], "sha256": m["sha256"], "precision": m["precision"],
+                      "quantized_from": m["quantized_from"], "method": m["quantization"]["method"],
+                      "fidelity": m["fidelity"]["summary"]}, indent=2))
 
 
 def _run_command(args) -> dict[str, Any]:
@@ -1177,7 +1256,7 @@ def _run_command(args) -> dict[str, Any]:
         args.out, args.backbone, args.name, method=args.method, calibration=args.calibration, evaluation=args.evaluation,
         calibration_images=args.calibration_images, evaluation_images=args.evaluation_images, seed=args.seed,
         adapters_repository=args.adapters_repo, mean=_floats(args.mean), std=_floats(args.std), alpha=args.alpha,
-        fuse_attention=args.fuse_attention, overwrite=args.overwrite,
+        fuse_attention=args.fuse_attention, overwrite=args.overwrite, precision=args.precision,
     )
 
 
@@ -1185,9 +1264,10 @@ def register(subparsers) -> argparse.ArgumentParser:
     """Add the ``quantize-backbone`` subcommand to an argparse subparsers object."""
     p = subparsers.add_parser(
         "quantize-backbone",
-        help="write an INT8 variant backbones/<name>/ of a float32 backbone, with a fidelity report",
+        help="write an INT8 (CPU) or float16 (GPU) variant backbones/<name>/ of a float32 backbone, with a fidelity report",
         description=(
-            "Quantize a float32 backbone's weight MatMuls to INT8 for CPU serving, as a new backbone folder whose "
+            "Quantize a float32 backbone's weight MatMuls to INT8 for CPU serving (or the whole graph to float16 for "
+            "GPU serving, --precision float16), as a new backbone folder whose "
             "manifest records quantized_from (the fp32 backbone's name and sha256), the method, the calibration "
             "images, and a fidelity report (K/V, selected token sets, every adapter's probabilities and labels) "
             "against the fp32 backbone on calibration and evaluation images."
