@@ -17,6 +17,7 @@ use std::time::Duration;
 use crate::decode::Limits;
 use crate::decode::codec::MinSize;
 use crate::engine::EngineSettings;
+use crate::model::backbone::BackbonePrecision;
 use crate::runtime::{Device, Threads};
 use crate::server::GrpcSettings;
 
@@ -82,6 +83,11 @@ pub struct ModelArgs {
         value_delimiter = ','
     )]
     pub allow_backbone_variants: Vec<String>,
+    /// auto, float32 or float16: whether a float16 variant of a backbone (made by
+    /// `quantize-backbone --precision float16`) serves its adapters in its place
+    /// [default: auto: float16 on a GPU, float32 on a CPU].
+    #[arg(long, env = "FPTSERVE_BACKBONE_PRECISION")]
+    pub backbone_precision: Option<String>,
 }
 
 /// `fptserve serve`. The config file's keys are these fields' names.
@@ -281,6 +287,8 @@ pub struct ModelConfig {
     pub threads: Threads,
     /// Backbone variants allowed to stand in for the backbone they were made from.
     pub allowed_variants: Vec<String>,
+    /// Whether float16 variants serve in place of the backbone they were made from.
+    pub backbone_precision: BackbonePrecision,
 }
 
 /// Validated `serve` settings.
@@ -409,6 +417,11 @@ impl ModelArgs {
                 .map_err(ConfigError)?,
             onnxruntime_lib: self.onnxruntime_lib,
             allowed_variants: self.allow_backbone_variants,
+            backbone_precision: self
+                .backbone_precision
+                .as_deref()
+                .map_or(Ok(BackbonePrecision::Auto), str::parse)
+                .map_err(ConfigError)?,
             threads: Threads {
                 intra_op: self.intra_op_threads.unwrap_or(0),
                 inter_op: self.inter_op_threads.unwrap_or(0),

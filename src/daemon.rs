@@ -79,6 +79,7 @@ pub fn load_models(
     let options = StartOptions {
         max_adapters,
         allowed_variants: config.allowed_variants.clone(),
+        backbone_precision: config.backbone_precision,
     };
     Ok(Lifecycle::start(&config.repository, runtime, options)?)
 }

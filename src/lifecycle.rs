@@ -20,7 +20,7 @@ use std::sync::{Arc, Mutex};
 
 use crate::model::ModelError;
 use crate::model::adapter::{Adapter, AdapterInfo, unix_ms};
-use crate::model::backbone::Backbone;
+use crate::model::backbone::{Backbone, BackbonePrecision, Standing};
 use crate::registry::{ChangeError, Failure, Inserted, Publish, Registry};
 use crate::repository::manifest::{AdapterManifest, short};
 use crate::repository::{self, LoadFailure, RepositoryError};
@@ -80,8 +80,10 @@ pub struct StartOptions {
     /// Most adapters loaded at once (the adapter budget), if limited.
     pub max_adapters: Option<usize>,
     /// Backbone variants (folder names) allowed to serve the adapters of the backbone
-    /// they were made from.
+    /// they were made from where it is not loaded.
     pub allowed_variants: Vec<String>,
+    /// Whether float16 variants serve in preference to the backbone they were made from.
+    pub backbone_precision: BackbonePrecision,
 }
 
 /// What start-up loaded.
@@ -100,8 +102,7 @@ impl Lifecycle {
         runtime: Arc<Runtime>,
         options: StartOptions,
     ) -> Result<Started, RepositoryError> {
-        let (backbones, mut failures) =
-            load_backbones(repository, &runtime, &options.allowed_variants)?;
+        let (backbones, mut failures) = load_backbones(repository, &runtime, &options)?;
         let lifecycle = Arc::new(Lifecycle {
             registry: Arc::new(Registry::new(backbones, options.max_adapters)),
             runtime,
@@ -281,12 +282,14 @@ impl Lifecycle {
 
 /// Loads and warms every backbone under `repository`; one that fails is skipped, logged
 /// and counted. Backbones do not change at run time, so this is start-up's alone.
-/// `allowed_variants` may stand in for the backbone they were made from.
+/// A variant serves the adapters of the backbone it was made from as `options` say
+/// ([`variant_standing`]).
 fn load_backbones(
     repository: &Path,
     runtime: &Runtime,
-    allowed_variants: &[String],
+    options: &StartOptions,
 ) -> Result<(Vec<Arc<Backbone>>, Vec<LoadFailure>), RepositoryError> {
+    let allowed_variants = &options.allowed_variants;
     let mut failures = Vec::new();
     let mut backbones: Vec<Arc<Backbone>> = Vec::new();
     for dir in repository::backbone_folders(repository)? {
@@ -301,17 +304,18 @@ fn load_backbones(
                 b.identity().name
             ),
             Ok(b) => {
+                let standing = variant_standing(&b, options);
                 let m = b.manifest();
-                let allowed = allowed_variants.contains(&m.name);
                 tracing::info!(
                     backbone = %m.name,
                     sha256 = %short(&m.sha256),
                     precision = m.precision.as_deref().unwrap_or("float32"),
+                    device = %b.device(),
                     variant_of = m.quantized_from.as_ref().map(|r| r.name.as_str()),
-                    allowed_as_variant = allowed,
+                    serves_for_it = m.quantized_from.as_ref().map(|_| tracing::field::debug(standing)),
                     "backbone loaded"
                 );
-                backbones.push(Arc::new(if allowed { b.allow_as_variant() } else { b }));
+                backbones.push(Arc::new(b.with_standing(standing)));
                 continue;
             }
             Err(e) => e.to_string(),
@@ -330,7 +334,44 @@ fn load_backbones(
             );
         }
     }
+    for b in backbones
+        .iter()
+        .filter(|b| b.manifest().quantized_from.is_none())
+    {
+        let preferred = backbones
+            .iter()
+            .any(|v| v.standing_for(&b.identity()) == Standing::Preferred);
+        if options.backbone_precision.prefers_float16(b.device()) && !preferred {
+            tracing::info!(
+                backbone = %b.identity().name,
+                device = %b.device(),
+                precision = ?options.backbone_precision,
+                "no float16 variant of this backbone is loaded: it serves its adapters itself \
+                 (python -m fptserve_models quantize-backbone --precision float16 makes one)"
+            );
+        }
+    }
     Ok((backbones, failures))
+}
+
+/// How a loaded variant serves the adapters of the backbone it was made from: a float16
+/// one in preference to it where `--backbone-precision` prefers float16 on the device it
+/// runs on; one the operator allowed by name where it is missing; else not at all.
+fn variant_standing(backbone: &Backbone, options: &StartOptions) -> Standing {
+    let m = backbone.manifest();
+    if m.quantized_from.is_none() {
+        Standing::No
+    } else if m.precision.as_deref() == Some("float16")
+        && options
+            .backbone_precision
+            .prefers_float16(backbone.device())
+    {
+        Standing::Preferred
+    } else if options.allowed_variants.contains(&m.name) {
+        Standing::WhereMissing
+    } else {
+        Standing::No
+    }
 }
 
 /// A load listed as in progress.

@@ -2,8 +2,11 @@
 # Runs THERE: exports the full-size model repositories with the machine's own PyTorch
 # (models are 162-325 MB each: they cannot be carried):
 #   $GPU_HOME/models/full        python -m fptserve_models full          (vit-b16-512, float32 K/V)
+#                                + quantize-backbone --precision float16 (vit-b16-512-fp16: its float16
+#                                  variant, float32 K/V; what --device cuda serves by default)
 #   $GPU_HOME/models/full-fp16   python -m fptserve_models full --fp16   (vit-b16-512-fp16, float16 K/V)
-# Both run at once, each on half the cores; the fp32 one is required, the fp16 one optional.
+# Both run at once, each on half the cores; the fp32 one is required (its float16 variant is
+# optional), the fp16 one optional.
 #
 #   export.sh                 export now, in the foreground
 #   export.sh --background    start it in its own process session (it outlives the call that
@@ -40,7 +43,10 @@ export_now() {
     local flags=()
     [ "$variant" = full-fp16 ] && flags=(--fp16)
     PYTHONPATH=$GPU_HOME/src OMP_NUM_THREADS=$threads PYTHONUNBUFFERED=1 \
-      python3 -m fptserve_models full --out "$MODELS/$variant.tmp" "${flags[@]}" > "$GPU_HOME/export-$variant.log" 2>&1 &
+      bash -c 'python3 -m fptserve_models full --out "$1" "${@:3}" && if [ "$2" = full ]; then
+        python3 -m fptserve_models quantize-backbone --out "$1" --backbone vit-b16-512 --precision float16 \
+          --calibration-images 2 --evaluation-images 2 || echo "float16 variant failed (exit $?): served without it"
+      fi' _ "$MODELS/$variant.tmp" "$variant" "${flags[@]}" > "$GPU_HOME/export-$variant.log" 2>&1 &
     pid[$variant]=$!
   done
   for variant in full full-fp16; do

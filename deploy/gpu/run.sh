@@ -6,8 +6,9 @@
 #   2. points LD_LIBRARY_PATH at the machine's nvidia-* pip packages; every library the CUDA
 #      provider needs must resolve (else it stops here: the daemon would only fall back to CPU)
 #   3. waits for the model export (export.sh, started in call 1; run now if it never ran)
-#   4. smoke.py: fptserve --device cuda (fp32, then the fp16-K/V backbone) against --device
-#      cpu: CUDA provider started (log), answers, latency, throughput, GPU memory
+#   4. smoke.py: fptserve --device cuda (fp32, the float16 variant, its host K/V path, the
+#      fp16-K/V backbone) against --device cpu: CUDA provider started (log), answers, latency,
+#      throughput, GPU memory
 #   5. benches/run.py --full, case by case (BENCH_CASES, default 1,5), with the daemon on
 #      CUDA through FPTSERVE_DEVICE / FPTSERVE_ONNXRUNTIME_LIB; its baselines and peers
 #      stay on the CPU (they use the machine's CPU onnxruntime)
@@ -145,8 +146,9 @@ if [ "$smoke_rc" -ne 0 ]; then
   log "harness skipped: the daemon is not on CUDA (its figures would be CPU figures)"
   bench_rc=3
 elif [ "$CASES" != none ]; then
-  # (the harness itself turns fptserve's feature cache off where a case must measure the backbone)
-  export FPTSERVE_DEVICE=cuda FPTSERVE_ONNXRUNTIME_LIB=$LIB
+  # (the harness itself turns fptserve's feature cache off where a case must measure the backbone;
+  # float32 backbone: the harness checks answers against float32 references to 2e-3)
+  export FPTSERVE_DEVICE=cuda FPTSERVE_ONNXRUNTIME_LIB=$LIB FPTSERVE_BACKBONE_PRECISION=float32
   mkdir -p "$GPU_HOME/bench"
   for c in ${CASES//,/ }; do
     remaining=$(( $(left) - 25 ))

@@ -1,12 +1,15 @@
 """GPU smoke check and first figures: fptserve on the CUDA execution provider.
 
-Starts the daemon up to four times, one after the other, on the full-size models:
+Starts the daemon up to five times, one after the other, on the full-size models:
 
   cpu-fp32        --device cpu   (the reference answers; same GPU ONNX Runtime library)
-  cuda-fp32       --device cuda  --onnxruntime-lib LIB          (flags)
-  cuda-fp16       FPTSERVE_DEVICE=cuda FPTSERVE_ONNXRUNTIME_LIB  (environment, fp16 K/V backbone)
+  cuda-fp32       --device cuda  --onnxruntime-lib LIB --backbone-precision float32  (flags)
+  cuda-fp16       FPTSERVE_DEVICE=cuda FPTSERVE_ONNXRUNTIME_LIB  (environment, the GPU default:
+                  the float16 variant of the fp32 repository's backbone, float32 K/V; or, in a
+                  repository without one, the fp16 repository)
   cuda-fp16-host  the same with --io-binding false: K/V to host memory between backbone and
                   side networks (the GPU default keeps them on the device), to compare
+  cuda-fp16kv     the fp16 repository (`full --fp16`: float16 K/V into float16 side networks)
 
 and for each: reads its log (the "ONNX Runtime ready" line must name cuda:0 for the CUDA
 runs, and no "falling back to CPU" warning may appear), classifies a 2048x2048 12-bit
@@ -63,7 +66,8 @@ def start(binary: str, repository: Path, device: str, lib: str, via_env: bool, e
     environment; `extra`: more serve flags."""
     argv = [binary, "--log-format", "json", "serve", "--repository", str(repository), "--grpc-listen", "127.0.0.1:0",
             "--metrics-listen", "off", "--admin-listen", "off", "--max-in-flight", "256", *extra]
-    env = {k: v for k, v in os.environ.items() if k not in ("FPTSERVE_DEVICE", "FPTSERVE_ONNXRUNTIME_LIB")}
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("FPTSERVE_DEVICE", "FPTSERVE_ONNXRUNTIME_LIB", "FPTSERVE_BACKBONE_PRECISION")}
     if via_env:
         env.update(FPTSERVE_DEVICE=device, FPTSERVE_ONNXRUNTIME_LIB=lib)
     else:
@@ -168,13 +172,13 @@ def max_diff(a: dict, b: dict) -> float:
 
 
 def table(runs: dict) -> str:
-    head = ("| run | device (log) | K/V bound | first call ms | 3 tasks e2e ms | backbone ms | adapters ms | decode+pre ms "
+    head = ("| run | device (log) | backbone | K/V bound | first call ms | 3 tasks e2e ms | backbone ms | adapters ms | decode+pre ms "
             "| 1 task @16 req/s | p50 / p99 ms | GPU MiB | RSS MiB | max prob diff vs cpu-fp32 |")
-    rows = [head, "|" + "---|" * 13]
+    rows = [head, "|" + "---|" * 14]
     for name, r in runs.items():
         if "error" in r:
             device = ((r.get("log") or {}).get("ready") or {}).get("device")
-            rows.append(f"| {name} | {device} | | failed: see below |" + " |" * 9)
+            rows.append(f"| {name} | {device} | | | failed: see below |" + " |" * 9)
             continue
         st = r["sequential"]["stages_ms"]
 
@@ -182,7 +186,8 @@ def table(runs: dict) -> str:
             return st[k]["median"] if k in st else float("nan")
 
         rows.append(
-            f"| {name} | {(r['log']['ready'] or {}).get('device')} | {(r['log']['engine'] or {}).get('io_binding')} "
+            f"| {name} | {(r['log']['ready'] or {}).get('device')} "
+            f"| {', '.join(r['answers']['serving']['backbones'])} | {(r['log']['engine'] or {}).get('io_binding')} "
             f"| {r['first_call_s'] * 1e3:.0f} "
             f"| {r['sequential']['e2e_s']['median'] * 1e3:.1f} ({r['sequential']['e2e_s']['min'] * 1e3:.1f}–"
             f"{r['sequential']['e2e_s']['max'] * 1e3:.1f}) | {med('backbone_ms'):.1f} | {med('adapters_ms'):.1f} "
@@ -213,28 +218,35 @@ def main(argv: list[str] | None = None) -> int:
         extra += ["--feature-cache-bytes", "0"]  # every call runs the backbone: measure it, not the cache
     inputs = {"serving": data.serving_dicom(args.work, 2048).read_bytes(),
               "fixture": (ROOT / "models" / "fixtures" / "dicom" / "rgb8_rle.dcm").read_bytes()}
-    plan = [("cpu-fp32", args.fp32, "cpu", False, max(3, args.sequential // 4), max(16, args.burst // 4))]
+    # (name, repository, device, via environment, sequential calls, burst, more flags)
+    plan = [("cpu-fp32", args.fp32, "cpu", False, max(3, args.sequential // 4), max(16, args.burst // 4), [])]
+    precision = "--backbone-precision" in help_text
+    fp16_repo = args.fp16 if args.fp16 and (args.fp16 / "tasks" / "dr-grade" / "1" / "manifest.json").exists() else None
+    variant = precision and any(p.name.endswith("-fp16") for p in (args.fp32 / "backbones").iterdir())
     if not args.cpu_only:
-        plan.append(("cuda-fp32", args.fp32, "cuda", False, args.sequential, args.burst))
-        if args.fp16 and (args.fp16 / "tasks" / "dr-grade" / "1" / "manifest.json").exists():
-            plan.append(("cuda-fp16", args.fp16, "cuda", True, args.sequential, args.burst))
+        plan.append(("cuda-fp32", args.fp32, "cuda", False, args.sequential, args.burst,
+                     ["--backbone-precision", "float32"] if precision else []))
+        half = args.fp32 if variant else fp16_repo
+        if half is not None:
+            plan.append(("cuda-fp16", half, "cuda", True, args.sequential, args.burst, []))
             if "--io-binding" in help_text:
-                plan.append(("cuda-fp16-host", args.fp16, "cuda", True, args.sequential, args.burst))
+                plan.append(("cuda-fp16-host", half, "cuda", True, args.sequential, args.burst, ["--io-binding", "false"]))
         else:
-            print("  no fp16 repository: cuda-fp16 skipped", flush=True)
+            print("  no float16 variant and no fp16 repository: cuda-fp16 skipped", flush=True)
+        if variant and fp16_repo is not None:
+            plan.append(("cuda-fp16kv", fp16_repo, "cuda", True, args.sequential, args.burst, []))
 
     runs: dict = {}
     logs: list[str] = []
     with tempfile.TemporaryDirectory() as stubs_dir:
         stubs = peer.load_stubs(Path(stubs_dir))
-        for name, repository, device, via_env, sequential, burst in plan:
+        for name, repository, device, via_env, sequential, burst, flags in plan:
             print(f"smoke: {name} ({repository.name}, --device {device}{' via environment' if via_env else ''})",
                   flush=True)
             started = time.perf_counter()
             daemon = None
             try:
-                flags = extra + (["--io-binding", "false"] if name.endswith("-host") else [])
-                daemon = start(args.binary, repository, device, args.lib, via_env, flags)
+                daemon = start(args.binary, repository, device, args.lib, via_env, extra + flags)
                 startup = time.perf_counter() - started
                 facts = log_facts(daemon.lines)
                 if device == "cuda" and (facts["fallback_warning"]

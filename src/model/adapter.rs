@@ -8,7 +8,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use ort::value::{Tensor, TensorRef};
 
-use super::backbone::{Backbone, BoundFeatures, Features, KvData};
+use super::backbone::{Backbone, BoundFeatures, Features, KvData, Standing};
 use super::{Model, ModelError, host_memory};
 use crate::preprocess::Normalization;
 use crate::repository::manifest::{AdapterManifest, short};
@@ -98,15 +98,16 @@ impl Adapter {
                 return Err(crate::signing::SignatureError::Invalid(dir.to_path_buf()).into());
             }
         }
-        // the backbone it was trained against, else a variant of it the operator allowed
-        let chosen = backbones
-            .iter()
-            .find(|b| b.identity() == manifest.backbone)
-            .or_else(|| {
-                backbones
-                    .iter()
-                    .find(|b| b.stands_in_for(&manifest.backbone))
-            });
+        // a preferred (float16) variant of the backbone it was trained against, else that
+        // backbone, else a variant of it the operator allowed where it is missing
+        let standing_in = |standing| {
+            backbones
+                .iter()
+                .find(|b| b.standing_for(&manifest.backbone) == standing)
+        };
+        let chosen = standing_in(Standing::Preferred)
+            .or_else(|| backbones.iter().find(|b| b.identity() == manifest.backbone))
+            .or_else(|| standing_in(Standing::WhereMissing));
         let backbone = match chosen {
             Some(b) => b.clone(),
             None => {

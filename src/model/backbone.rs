@@ -15,7 +15,7 @@ use ort::value::{
 
 use super::{Model, ModelError};
 use crate::repository::manifest::{BackboneManifest, BackboneRef};
-use crate::runtime::{Memory, Runtime};
+use crate::runtime::{Device, Memory, Runtime};
 
 /// A loaded backbone.
 pub struct Backbone {
@@ -25,8 +25,60 @@ pub struct Backbone {
     input_size: [usize; 2],
     model_bytes: u64,
     warm: Mutex<Option<Arc<Features>>>,
-    /// The operator allowed it to serve the adapters of the backbone it was made from.
-    variant_allowed: bool,
+    /// Whether it serves the adapters of the backbone it was made from.
+    standing: Standing,
+}
+
+/// Whether a variant serves the adapters of the backbone it was made from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Standing {
+    /// No (the default; always so for a backbone that is no variant).
+    No,
+    /// Where that backbone is not loaded: the operator allowed it by name
+    /// (`--allow-backbone-variant`).
+    WhereMissing,
+    /// In preference to that backbone: a float16 variant under `--backbone-precision`.
+    Preferred,
+}
+
+/// Which precision of a backbone serves its adapters when the repository holds a float16
+/// variant of it (`quantize-backbone --precision float16`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum BackbonePrecision {
+    /// float16 on a GPU, float32 on a CPU (where float16 runs slower, cast back to float32
+    /// around most kernels).
+    #[default]
+    Auto,
+    /// The float32 backbone.
+    Float32,
+    /// The float16 variant, on any device.
+    Float16,
+}
+
+impl BackbonePrecision {
+    /// Whether a float16 variant serves in preference to its float32 backbone when its
+    /// sessions run on `device`.
+    pub fn prefers_float16(self, device: Device) -> bool {
+        match self {
+            BackbonePrecision::Auto => device != Device::Cpu,
+            BackbonePrecision::Float32 => false,
+            BackbonePrecision::Float16 => true,
+        }
+    }
+}
+
+impl std::str::FromStr for BackbonePrecision {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "auto" => Ok(BackbonePrecision::Auto),
+            "float32" | "fp32" => Ok(BackbonePrecision::Float32),
+            "float16" | "fp16" => Ok(BackbonePrecision::Float16),
+            _ => Err(format!(
+                "unknown backbone precision {s:?}: use auto, float32 or float16"
+            )),
+        }
+    }
 }
 
 /// K/V values on the host, in the element type the backbone exports.
@@ -213,21 +265,30 @@ impl Backbone {
             input_size,
             model_bytes,
             warm: Mutex::new(None),
-            variant_allowed: false,
+            standing: Standing::No,
         })
     }
 
-    /// Lets this variant serve the adapters of the backbone it was made from (see
-    /// [`Backbone::stands_in_for`]); nothing changes for a backbone that is no variant.
-    pub fn allow_as_variant(mut self) -> Self {
-        self.variant_allowed = true;
+    /// How this variant serves the adapters of the backbone it was made from (see
+    /// [`Backbone::standing_for`]); nothing changes for a backbone that is no variant.
+    pub fn with_standing(mut self, standing: Standing) -> Self {
+        self.standing = standing;
         self
     }
 
-    /// Whether it serves adapters trained on `trained_on` although it is another
-    /// backbone: it was made from that one and the operator allowed it.
-    pub fn stands_in_for(&self, trained_on: &BackboneRef) -> bool {
-        self.variant_allowed && self.manifest.quantized_from.as_ref() == Some(trained_on)
+    /// How it serves adapters trained on `trained_on` although it is another backbone:
+    /// [`Standing::No`] unless it was made from that one and the operator's settings say so.
+    pub fn standing_for(&self, trained_on: &BackboneRef) -> Standing {
+        if self.manifest.quantized_from.as_ref() == Some(trained_on) {
+            self.standing
+        } else {
+            Standing::No
+        }
+    }
+
+    /// Where its sessions run (the CPU after a CUDA fallback).
+    pub fn device(&self) -> Device {
+        self.model.device
     }
 
     /// Features of an all-zero image, computed once: what newly loaded adapters are warmed

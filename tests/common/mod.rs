@@ -115,6 +115,7 @@ pub fn config(repository: &Path) -> ServeConfig {
             onnxruntime_lib: None,
             threads,
             allowed_variants: Vec::new(),
+            backbone_precision: Default::default(),
         },
         grpc_listen: "127.0.0.1:0".parse().unwrap(),
         metrics_listen: None,

@@ -48,14 +48,15 @@ def ort_session(path):
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def python_probabilities(repo, task, version):
-    """INT8 backbone.onnx then side.onnx through ONNX Runtime, preprocessing as the exporter's."""
+def python_probabilities(repo, task, version, backbone=INT8):
+    """The variant's backbone.onnx then side.onnx through ONNX Runtime, preprocessing as the
+    exporter's."""
     adapter = json.loads((repo / "tasks" / task / version / "manifest.json").read_text())
     pre = adapter["preprocessing"]
     image = preprocess.load_rgb(IMAGE)
     pixels = preprocess.to_tensor(image, pre["backbone_size"], pre["mean"], pre["std"])[None]
     side = preprocess.to_tensor(image, pre["side_size"], pre["mean"], pre["std"])[None]
-    keys, values = ort_session(repo / "backbones" / INT8 / "backbone.onnx").run(
+    keys, values = ort_session(repo / "backbones" / backbone / "backbone.onnx").run(
         ["key_states", "value_states"], {"pixel_values": pixels})
     (logits,) = ort_session(repo / "tasks" / task / version / adapter["file"]).run(
         ["logits"], {"side_pixel_values": side, "key_states": keys, "value_states": values})
