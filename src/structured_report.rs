@@ -78,6 +78,22 @@ fn new_uid(seed: &str) -> String {
     hash.update(std::process::id().to_le_bytes());
     hash.update(COUNTER.fetch_add(1, Ordering::Relaxed).to_le_bytes());
     hash.update(seed.as_bytes());
+    uid_from(hash)
+}
+
+/// The UID for `parts` alone (each length-prefixed): the same parts give the same UID in
+/// every process, different ones a different UID (a UUID version 4 digest, as above).
+fn derived_uid(parts: &[&str]) -> String {
+    let mut hash = Sha256::new();
+    hash.update(b"fptserve structured report UID\0");
+    for part in parts {
+        hash.update((part.len() as u64).to_le_bytes());
+        hash.update(part.as_bytes());
+    }
+    uid_from(hash)
+}
+
+fn uid_from(hash: Sha256) -> String {
     let digest = hash.finalize();
     let mut uuid = [0u8; 16];
     uuid.copy_from_slice(&digest[..16]);
@@ -208,10 +224,16 @@ fn uid(obj: &InMemDicomObject, tag: Tag, name: &'static str) -> Result<String, R
 
 /// The report, as a DICOM Part 10 file, of `results` for the instance `source` (the
 /// parsed classified file), made at `now` (DICOM DA and TM).
+///
+/// `identity` (the caller's request id, frame and tasks) makes the report's Series and SOP
+/// Instance UIDs a function of it and of the source's UIDs: the same request repeated
+/// (a retry after a lost answer, a gateway restarted mid-call) gives the same report
+/// identity, which a PACS stores once. Without it they are new each time.
 pub fn build(
     source: &InMemDicomObject,
     results: &[TaskOutcome],
     now: (String, String),
+    identity: Option<&str>,
 ) -> Result<Vec<u8>, ReportError> {
     let src = Source {
         study: uid(source, tags::STUDY_INSTANCE_UID, "Study Instance UID")?,
@@ -242,14 +264,22 @@ pub fn build(
         }
     }
     let (date, time) = now;
-    let sop_instance = new_uid(&src.sop_instance);
+    let made_for = |what: &str, source_uid: &str| match identity {
+        Some(id) => derived_uid(&[what, &src.study, source_uid, id]),
+        None => new_uid(source_uid),
+    };
+    let sop_instance = made_for("sop instance", &src.sop_instance);
     for element in [
         text(tags::SOP_CLASS_UID, VR::UI, COMPREHENSIVE_SR),
         text(tags::SOP_INSTANCE_UID, VR::UI, sop_instance.as_str()),
         text(tags::INSTANCE_CREATION_DATE, VR::DA, date.as_str()),
         text(tags::INSTANCE_CREATION_TIME, VR::TM, time.as_str()),
         text(tags::MODALITY, VR::CS, "SR"),
-        text(tags::SERIES_INSTANCE_UID, VR::UI, new_uid(&src.series)),
+        text(
+            tags::SERIES_INSTANCE_UID,
+            VR::UI,
+            made_for("series", &src.sop_instance),
+        ),
         text(tags::SERIES_NUMBER, VR::IS, "9001"),
         text(tags::SERIES_DESCRIPTION, VR::LO, "fptserve AI results"),
         text(tags::INSTANCE_NUMBER, VR::IS, "1"),
@@ -343,7 +373,11 @@ mod tests {
         let a = new_uid("1.2.3");
         let b = new_uid("1.2.3");
         assert_ne!(a, b);
-        for uid in [&a, &b] {
+        let c = derived_uid(&["sop instance", "1.2.3", "request-1"]);
+        assert_eq!(c, derived_uid(&["sop instance", "1.2.3", "request-1"]));
+        assert_ne!(c, derived_uid(&["sop instance", "1.2.3", "request-2"]));
+        assert_ne!(c, derived_uid(&["sop instance", "1.2.3r", "equest-1"]));
+        for uid in [&a, &b, &c] {
             assert!(uid.len() <= 64 && uid.starts_with("2.25."), "{uid}");
             assert!(uid[5..].bytes().all(|c| c.is_ascii_digit()) && !uid[5..].starts_with('0'));
         }

@@ -128,6 +128,15 @@ impl Classifier for ClassifierService {
                 ),
                 None => None,
             };
+            // a caller's request id makes the report's identity repeatable (see build)
+            let identity = (!request.request_id.is_empty()).then(|| {
+                format!(
+                    "{}\0{}\0{}",
+                    request.request_id,
+                    request.frame,
+                    request.tasks.join("\0")
+                )
+            });
             let engine_request = engine::Request {
                 payload,
                 tasks: request.tasks,
@@ -137,8 +146,13 @@ impl Classifier for ClassifierService {
             let outcome = calls::classify(engine, engine_request, deadline, slot).await?;
             let report = match source {
                 Some(source) => Some(
-                    structured_report::build(&source, &outcome.results, structured_report::now())
-                        .map_err(Status::from)?,
+                    structured_report::build(
+                        &source,
+                        &outcome.results,
+                        structured_report::now(),
+                        identity.as_deref(),
+                    )
+                    .map_err(Status::from)?,
                 ),
                 None => None,
             };

@@ -23,8 +23,9 @@ def concept(item):
     return item.ConceptNameCodeSequence[0].CodeMeaning
 
 
-def report(stub, pb, data, tasks):
-    reply = stub.Classify(pb.ClassifyRequest(dicom=data, tasks=tasks, structured_report=True))
+def report(stub, pb, data, tasks, request_id=""):
+    reply = stub.Classify(pb.ClassifyRequest(dicom=data, tasks=tasks, structured_report=True,
+                                             request_id=request_id))
     assert reply.structured_report, "no report returned"
     return reply, reply.structured_report
 
@@ -105,3 +106,29 @@ def test_each_report_is_a_new_instance_and_images_get_none(daemon, stubs):
             stub.Classify(pb.ClassifyRequest(image=png, tasks=["dr-grade"], structured_report=True))
         assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "DICOM" in refused.value.details()
+
+
+def test_a_repeated_request_id_repeats_the_report_identity(daemon, stubs):
+    """A retry (same request id, frame and tasks) names the same report, so a PACS keeps one;
+    any other request id, task list or source gives another."""
+    pb, pb_grpc = stubs
+    data = DICOM.read_bytes()
+    other = pydicom.dcmread(DICOM)
+    other.SOPInstanceUID = pydicom.uid.generate_uid()
+    buffer = io.BytesIO()
+    other.save_as(buffer, enforce_file_format=True)
+
+    def identity(source, tasks, request_id):
+        with grpc.insecure_channel(daemon.addr) as channel:
+            sr = pydicom.dcmread(io.BytesIO(report(pb_grpc.ClassifierStub(channel), pb, source, tasks,
+                                                   request_id)[1]))
+        assert sr.SOPInstanceUID.startswith("2.25.") and len(sr.SOPInstanceUID) <= 64
+        return sr.SeriesInstanceUID, sr.SOPInstanceUID
+
+    first = identity(data, ["dr-grade"], "orthanc-abc")
+    assert identity(data, ["dr-grade"], "orthanc-abc") == first
+    assert first[0] != first[1]
+    others = [identity(data, ["dr-grade"], "orthanc-abd"), identity(data, ["dr-grade", "skin-lesion"], "orthanc-abc"),
+              identity(buffer.getvalue(), ["dr-grade"], "orthanc-abc")]
+    for series, sop in others:
+        assert series != first[0] and sop != first[1]
