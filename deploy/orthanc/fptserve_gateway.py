@@ -5,8 +5,12 @@ For each new instance (or each instance of a series once Orthanc sees it stable,
 "Trigger"), the plugin picks the tasks configured for its Modality / BodyPartExamined,
 calls fptserve's Classify with structured_report=true and posts the returned Comprehensive
 SR to Orthanc's /instances. The work runs on worker threads, never on Orthanc's callback
-thread. Transient gRPC failures are retried with exponential backoff; permanent ones stop
-at once. Logs name Orthanc instance ids only, never a patient attribute.
+thread. Nothing is lost: what to classify is read from Orthanc's own change log, from a
+position saved in Orthanc's database that moves only past finished work (see Gateway), so
+fptserve outages of any length, Orthanc restarts and crashes of either mid-call delay the
+work but never drop it, and no instance gets two reports. Transient gRPC failures are
+retried without limit (capped exponential backoff); permanent ones stop at once. Logs name
+Orthanc instance ids only, never a patient attribute.
 
 Configuration: the "Fptserve" section of Orthanc's configuration (see orthanc.json and
 README.md beside this file). The fptserve stubs (generated from proto/ with
@@ -15,8 +19,10 @@ first, e.g. a virtual environment's site-packages built for the same Python vers
 Orthanc's embedded interpreter.
 
 REST API added to Orthanc:
-  GET  /fptserve/status                  the gateway's configuration, queue and the state
-                                         of the instances it has seen (most recent 10000)
+  GET  /fptserve/status                  the gateway's configuration, backlog (pending,
+                                         retrying, failed by code, oldest pending age,
+                                         change-log position), counters and the state of
+                                         the instances it has seen (most recent 10000)
   POST /fptserve/instances/{id}/classify classify that instance again (ignores the
                                          metadata that records a previous outcome)
 """
@@ -56,9 +62,8 @@ DEFAULTS = {
     "Tasks": {"ByModality": {}, "ByBodyPart": {}, "Default": []},
     # Modalities never classified (SR SOP classes never are, whatever this says).
     "SkipModalities": ["SR", "KO", "PR", "DOC"],
-    # Attempts after the first one, for transient codes.
-    "Retries": 4,
-    # Backoff before retry n (1-based): min(MaxBackoffSeconds, BackoffSeconds * 2^(n-1)).
+    # Transient codes are retried without limit. Backoff before retry n (1-based):
+    # min(MaxBackoffSeconds, BackoffSeconds * 2^(n-1)); a success ends every wait early.
     "BackoffSeconds": 1.0,
     "MaxBackoffSeconds": 30.0,
     # gRPC deadline of one Classify call.
@@ -66,6 +71,18 @@ DEFAULTS = {
     "RetryCodes": list(TRANSIENT_CODES),
     # Worker threads (calls to fptserve in flight at once).
     "Workers": 2,
+    # Orthanc global property (>= 1024) holding the gateway's position in Orthanc's change
+    # log: every change up to it is finished.
+    "CursorProperty": 5473,
+    # On the very first start (no saved position): also classify what Orthanc already holds
+    # (false: only what arrives from then on).
+    "ClassifyExisting": False,
+    # Seconds between reads of the change log when Orthanc signals no new instance.
+    "PollSeconds": 1.0,
+    # Changes held in memory at once; the rest wait in Orthanc's change log.
+    "MaxBacklog": 10000,
+    # Seconds between backlog lines in Orthanc's log while work is pending.
+    "BacklogLogSeconds": 60.0,
     # Folders put in front of sys.path before importing grpc and the fptserve stubs;
     # relative ones are taken from the folder of Orthanc's configuration file.
     "PythonPath": [],
@@ -104,6 +121,9 @@ def load_config(full_configuration):
     section = dict(full_configuration.get("Fptserve", {}))
     config = json.loads(json.dumps(DEFAULTS))
     for key, value in section.items():
+        if key == "Retries":
+            raise ValueError("Fptserve: Retries is gone: transient failures are retried without limit "
+                             "(MaxBackoffSeconds caps the wait); remove it")
         if key not in DEFAULTS:
             raise ValueError(f"Fptserve: unknown configuration key {key!r}")
         config[key] = value
@@ -120,8 +140,10 @@ def load_config(full_configuration):
         raise ValueError("Fptserve.Trigger must be \"instance\" or \"series\"")
     config["SkipModalities"] = [m.upper() for m in config["SkipModalities"]]
     config["RetryCodes"] = [c.upper() for c in config["RetryCodes"]]
-    if int(config["Workers"]) < 1 or int(config["Retries"]) < 0:
-        raise ValueError("Fptserve: Workers must be >= 1 and Retries >= 0")
+    if int(config["Workers"]) < 1 or int(config["MaxBacklog"]) < 1:
+        raise ValueError("Fptserve: Workers and MaxBacklog must be >= 1")
+    if int(config["CursorProperty"]) < 1024:
+        raise ValueError("Fptserve: CursorProperty must be >= 1024 (lower ones are Orthanc's)")
     if config["Tls"] is not None:
         if not isinstance(config["Tls"], dict):
             raise ValueError("Fptserve.Tls must be null or an object")
@@ -199,123 +221,237 @@ def rpc_code(error):
 
 
 class Gateway:
-    """The plugin's state: a queue, worker threads, and what happened to each instance.
+    """The plugin's state: the change-log feeder, a queue, worker threads, and what happened
+    to each instance.
+
+    Nothing to classify lives only in memory. Orthanc records every stored instance (and
+    every stable series) in its change log, in the same database transaction as the
+    instance; the feeder reads that log from a durable position (the cursor, an Orthanc
+    global property) and the cursor only moves past a change once its work is finished:
+    classified, refused for good, or skipped. An outage of fptserve of any length, an
+    Orthanc restart, or a crash of either mid-call leaves the unfinished changes after the
+    cursor, and the next start feeds them again. A change fed twice (finished, but the
+    cursor not yet saved) finds the outcome recorded on the instance and is skipped; an SR
+    stored whose outcome was not yet recorded is made again with the same request id, which
+    gives the same SR identity (fptserve derives its UIDs from the request id), so Orthanc
+    keeps one.
 
     `api` is the orthanc module (or a stand-in with RestApiGet/RestApiPost/RestApiPut,
-    LogInfo/LogWarning/LogError and OrthancException), `classify` a function as made by
-    grpc_client()."""
+    GetGlobalProperty/SetGlobalProperty, LogInfo/LogWarning/LogError and
+    OrthancException), `classify` a function as made by grpc_client()."""
 
-    def __init__(self, api, config, classify):
+    def __init__(self, api, config, classify, clock=time.monotonic):
         self.api = api
         self.config = config
         self.classify = classify
+        self.clock = clock
         self.queue = queue.Queue()
         self.stopping = threading.Event()
+        self.wake = threading.Event()
         self.workers = []
+        self.feeder = None
         self.lock = threading.RLock()
         self.status = collections.OrderedDict()
         self.pending = set()
         self.counters = collections.Counter()
+        # change-log position: every change up to `cursor` is finished (saved in Orthanc);
+        # `fed` is the last change read; `inflight` the changes read and not finished
+        self.cursor = None
+        self.fed = None
+        self.inflight = {}
+        self.successes = 0
+        self.last_backlog_log = clock()
 
     # --- Orthanc side -------------------------------------------------------------------
 
     def on_change(self, change_type, level, resource_id):
-        """Orthanc's change callback: only enqueues; the workers do the work."""
+        """Orthanc's change callback: starts, stops, or wakes the feeder, nothing more (the
+        change log, not this callback, says what to classify)."""
         ct = self.api.ChangeType
         if change_type == ct.ORTHANC_STARTED:
             self.start()
         elif change_type == ct.ORTHANC_STOPPED:
             self.stop()
-        elif change_type == ct.NEW_INSTANCE and self.config["Trigger"] == "instance":
-            self.enqueue("instance", resource_id)
-        elif change_type == ct.STABLE_SERIES and self.config["Trigger"] == "series":
-            self.enqueue("series", resource_id)
+        elif change_type in (ct.NEW_INSTANCE, ct.STABLE_SERIES):
+            self.wake.set()
 
-    def enqueue(self, kind, resource_id, force=False):
+    def enqueue(self, kind, resource_id, force=False, seq=None):
+        """Queues work; `seq` is its change's position in the log (None: asked for through
+        the REST API, not tracked by the cursor)."""
         with self.lock:
-            if (kind, resource_id) in self.pending and not force:
+            if seq is not None:
+                self.inflight[seq] = {"kind": kind, "id": resource_id, "since": self.clock()}
+            elif (kind, resource_id) in self.pending and not force:
                 return
             self.pending.add((kind, resource_id))
             if kind == "instance":
                 self._set(resource_id, state="queued")
-        self.queue.put((kind, resource_id, force))
+        self.queue.put((kind, resource_id, force, seq))
 
     def start(self):
         if self.workers:
             return
+        self.cursor = self._load_cursor()
+        self.fed = self.cursor
         for n in range(int(self.config["Workers"])):
             worker = threading.Thread(target=self._work, name=f"fptserve-gateway-{n}", daemon=True)
             worker.start()
             self.workers.append(worker)
+        self.feeder = threading.Thread(target=self._feed, name="fptserve-gateway-feeder", daemon=True)
+        self.feeder.start()
 
     def stop(self, timeout=10.0):
         self.stopping.set()
+        self.wake.set()
         for _ in self.workers:
             self.queue.put(None)
         deadline = time.monotonic() + timeout
-        for worker in self.workers:
-            worker.join(max(0.0, deadline - time.monotonic()))
+        for thread in [*self.workers, *([self.feeder] if self.feeder else [])]:
+            thread.join(max(0.0, deadline - time.monotonic()))
         self.workers = []
+        self.feeder = None
         close = getattr(self.classify, "close", None)
         if close:
             close()
 
-    def _work(self):
+    # --- the change log -----------------------------------------------------------------
+
+    def _load_cursor(self):
+        saved = self.api.GetGlobalProperty(int(self.config["CursorProperty"]), "")
+        if saved:
+            self.api.LogWarning(f"fptserve gateway: resuming after change {saved} of Orthanc's change log")
+            return int(saved)
+        last = int(json.loads(self.api.RestApiGet("/changes?last")).get("Last", 0))
+        start = 0 if self.config["ClassifyExisting"] else last
+        self._save_cursor(start)
+        self.api.LogWarning(
+            "fptserve gateway: first start: classifying " +
+            ("every instance Orthanc holds" if start == 0 else f"instances stored after change {last}"))
+        return start
+
+    def _save_cursor(self, seq):
+        self.api.SetGlobalProperty(int(self.config["CursorProperty"]), str(seq))
+
+    def _feed(self):
         while not self.stopping.is_set():
+            try:
+                more = self.feed_once()
+            except Exception as error:  # Orthanc busy or stopping: read again later
+                self.api.LogWarning(f"fptserve gateway: reading the change log: {type(error).__name__}")
+                more = False
+            self._log_backlog()
+            if not more:
+                self.wake.wait(float(self.config["PollSeconds"]))
+                self.wake.clear()
+
+    def feed_once(self):
+        """Queues the relevant changes of one page of the change log; whether more may be
+        read at once. Holds at most MaxBacklog changes in memory: the rest wait in the log."""
+        with self.lock:
+            room = int(self.config["MaxBacklog"]) - len(self.inflight)
+            since = self.fed
+        if room <= 0:
+            return False
+        page = json.loads(self.api.RestApiGet(f"/changes?since={since}&limit={min(room, 100)}"))
+        wanted = "NewInstance" if self.config["Trigger"] == "instance" else "StableSeries"
+        for change in page.get("Changes", []):
+            if self.stopping.is_set():
+                return False
+            seq = int(change["Seq"])
+            if change.get("ChangeType") == wanted:
+                self.enqueue(self.config["Trigger"], change["ID"], seq=seq)
+            with self.lock:
+                self.fed = max(self.fed, seq)
+        with self.lock:
+            self._advance()
+        return bool(page.get("Changes")) and not page.get("Done", True)
+
+    def _finished(self, seq):
+        with self.lock:
+            self.inflight.pop(seq, None)
+            self._advance()
+
+    def _advance(self):
+        """Moves the saved cursor up to the last change before the oldest unfinished one."""
+        target = min(self.inflight) - 1 if self.inflight else self.fed
+        if target > self.cursor:
+            self._save_cursor(target)
+            self.cursor = target
+
+    # --- the work -----------------------------------------------------------------------
+
+    def _work(self):
+        while True:
             item = self.queue.get()
             if item is None:
                 return
-            kind, resource_id, force = item
+            kind, resource_id, force, seq = item
             with self.lock:
                 self.pending.discard((kind, resource_id))
             try:
                 if kind == "series":
-                    self.process_series(resource_id, force)
+                    finished = self.process_series(resource_id, force)
                 else:
-                    self.process_instance(resource_id, force)
+                    finished = self.process_instance(resource_id, force)
             except Exception as error:  # never let a worker die
+                # unfinished: the change is fed again at the next start, and the backlog's
+                # oldest age shows it meanwhile
+                finished = False
                 self.counters["errors"] += 1
                 self.api.LogError(f"fptserve gateway: {kind} {resource_id}: unexpected "
-                                  f"{type(error).__name__}")
+                                  f"{type(error).__name__}: {error}")
                 if kind == "instance":
-                    self._set(resource_id, state="failed", code="GATEWAY_ERROR")
-
-    # --- the work -----------------------------------------------------------------------
+                    self._set(resource_id, state="failed", code="GATEWAY_ERROR", permanent=False)
+            if seq is not None and finished:
+                self._finished(seq)
 
     def process_series(self, series_id, force=False):
-        series = json.loads(self.api.RestApiGet(f"/series/{series_id}"))
+        """Every instance of the series; False when cut short by Orthanc stopping."""
+        try:
+            series = json.loads(self.api.RestApiGet(f"/series/{series_id}"))
+        except self.api.OrthancException:
+            return True  # deleted since: nothing to do
         modality = series.get("MainDicomTags", {}).get("Modality", "").upper()
         if modality == "SR" or modality in self.config["SkipModalities"]:
-            return
+            return True
         for instance_id in series.get("Instances", []):
-            if self.stopping.is_set():
-                return
-            self.process_instance(instance_id, force)
+            if self.stopping.is_set() or self.process_instance(instance_id, force) is False:
+                return False
+        return True
 
     def process_instance(self, instance_id, force=False):
-        tags = json.loads(self.api.RestApiGet(f"/instances/{instance_id}/tags?short"))
+        """Classifies one instance and stores its SR; False when Orthanc began stopping
+        before the outcome was known (the change stays unfinished), else True."""
+        try:
+            tags = json.loads(self.api.RestApiGet(f"/instances/{instance_id}/tags?short"))
+        except self.api.OrthancException:
+            self._set(instance_id, state="skipped", reason="no longer in Orthanc")
+            return True
         modality = str(tags.get("0008,0060") or "").upper()
         body_part = str(tags.get("0018,0015") or "")
         sop_class = str(tags.get("0008,0016") or "")
         if modality == "SR" or sop_class.startswith(SR_SOP_CLASS_PREFIX) \
                 or modality in self.config["SkipModalities"]:
             self._set(instance_id, state="skipped", reason="modality")
-            return
+            return True
         tasks = tasks_for(self.config, modality, body_part)
         if not tasks:
             self._set(instance_id, state="skipped", reason="no tasks configured")
-            return
+            return True
         if not force:
             previous = self._recorded_outcome(instance_id)
             if previous:
                 self._set(instance_id, state="skipped", reason="already classified", outcome=previous)
-                return
-        self._set(instance_id, state="running", tasks=tasks, attempts=0)
+                return True
+        # The request id names the report: the same id gives the same SR UIDs, so doing this
+        # again after a crash stores nothing new. A forced run asks for a new report.
+        request_id = f"orthanc-{instance_id}" + (f"-again-{time.time_ns()}" if force else "")
+        self._set(instance_id, state="running", tasks=tasks, attempts=0, request_id=request_id)
         dicom = self.api.RestApiGet(f"/instances/{instance_id}/file")
         try:
-            response = self._classify_with_retries(instance_id, dicom, tasks)
+            response = self._classify_with_retries(instance_id, dicom, tasks, request_id)
             if response is None:
-                return  # gave up on a transient failure, or stopping
+                return False  # Orthanc is stopping
             sr = bytes(response.structured_report)
             if not sr:
                 raise PermanentError("NO_STRUCTURED_REPORT",
@@ -331,46 +467,60 @@ class Gateway:
                               f"{error.code}: {error}")
             self._set(instance_id, state="failed", code=error.code, permanent=True)
             self._record_outcome(instance_id, f"error:{error.code}")
-            return
+            return True
         sr_id = stored["ID"]
-        self.counters["classified"] += 1
+        again = stored.get("Status") == "AlreadyStored"
+        self.counters["already_stored" if again else "classified"] += 1
         self._set(instance_id, state="done", sr=sr_id, sr_status=stored.get("Status"))
         self._record_outcome(instance_id, sr_id)
         self.api.LogInfo(f"fptserve gateway: instance {instance_id}: structured report "
-                         f"{sr_id} stored ({', '.join(tasks)})")
+                         f"{sr_id} {'was already stored' if again else 'stored'} ({', '.join(tasks)})")
+        return True
 
-    def _classify_with_retries(self, instance_id, dicom, tasks):
-        retries = int(self.config["Retries"])
+    def _classify_with_retries(self, instance_id, dicom, tasks, request_id):
+        """The reply, retrying transient codes without limit (capped exponential backoff;
+        a success of any call ends every wait early); None when Orthanc is stopping."""
         attempt = 0
         while True:
             attempt += 1
             self._set(instance_id, attempts=attempt)
+            seen = self.successes
             try:
-                return self.classify(dicom, tasks, f"orthanc-{instance_id}-{attempt}")
+                reply = self.classify(dicom, tasks, request_id)
+                with self.lock:
+                    self.successes += 1
+                return reply
             except Exception as error:
                 code = rpc_code(error)
                 if code is None:
                     raise
                 if self.stopping.is_set():
                     # Orthanc is stopping (and the channel closing): record nothing
-                    self._set(instance_id, state="failed", code=code, permanent=False)
+                    self._set(instance_id, state="interrupted", code=code, permanent=False)
                     return None
                 details = error.details() if hasattr(error, "details") else ""
                 if code not in self.config["RetryCodes"]:
                     raise PermanentError(code, details or code)
-                if attempt > retries:
-                    self.counters["gave_up"] += 1
-                    self.api.LogError(f"fptserve gateway: instance {instance_id}: giving up "
-                                      f"after {attempt} attempts, last {code}: {details}")
-                    self._set(instance_id, state="failed", code=code, permanent=False)
-                    return None
                 delay = backoff_seconds(self.config, attempt)
                 self.counters["retries"] += 1
-                self.api.LogWarning(f"fptserve gateway: instance {instance_id}: {code} "
-                                    f"(attempt {attempt}), retrying in {delay:g} s")
+                if attempt & (attempt - 1) == 0:  # attempts 1, 2, 4, 8, ...: the log stays short
+                    self.api.LogWarning(f"fptserve gateway: instance {instance_id}: {code} "
+                                        f"(attempt {attempt}), retrying in {delay:g} s")
                 self._set(instance_id, state="retrying", code=code)
-                if self.stopping.wait(delay):
+                if not self._wait_retry(delay, seen):
+                    self._set(instance_id, state="interrupted", code=code, permanent=False)
                     return None
+
+    def _wait_retry(self, delay, seen):
+        """Sleeps `delay` seconds, less when another call succeeds meanwhile (fptserve is
+        back); False when Orthanc is stopping."""
+        deadline = time.monotonic() + delay
+        while not self.stopping.is_set():
+            left = deadline - time.monotonic()
+            if left <= 0 or self.successes != seen:
+                return True
+            self.stopping.wait(min(left, 0.2))
+        return False
 
     # --- bookkeeping --------------------------------------------------------------------
 
@@ -404,6 +554,38 @@ class Gateway:
             self.api.LogWarning(f"fptserve gateway: instance {instance_id}: cannot set "
                                 f"metadata {name} ({error}); declare it in UserMetadata")
 
+    def backlog(self):
+        """What is not finished: changes read and pending (queued, running or retrying),
+        the oldest one's age, failures by code, and the change-log position."""
+        with self.lock:
+            states = collections.Counter(e.get("state") for e in self.status.values())
+            failed = collections.Counter(e.get("code") for e in self.status.values()
+                                         if e.get("state") == "failed")
+            oldest = min((w["since"] for w in self.inflight.values()), default=None)
+            return {
+                "pending": len(self.inflight),
+                "queued": states["queued"],
+                "running": states["running"],
+                "retrying": states["retrying"],
+                "failed": dict(failed),
+                "oldest_pending_age_s": None if oldest is None else round(self.clock() - oldest, 1),
+                "cursor": self.cursor,
+                "last_change_read": self.fed,
+            }
+
+    def _log_backlog(self):
+        """Every BacklogLogSeconds while work waits: one line, ids and counts only."""
+        now = self.clock()
+        if now - self.last_backlog_log < float(self.config["BacklogLogSeconds"]):
+            return
+        self.last_backlog_log = now
+        b = self.backlog()
+        if b["pending"]:
+            self.api.LogWarning(
+                f"fptserve gateway: backlog: {b['pending']} pending ({b['retrying']} retrying, "
+                f"{b['running']} running), oldest {b['oldest_pending_age_s']:g} s; "
+                f"failed {b['failed'] or 'none'}; change log at {b['last_change_read']}")
+
     def status_json(self):
         with self.lock:
             return json.dumps({
@@ -412,6 +594,7 @@ class Gateway:
                 "tls": self.config["Tls"] is not None,
                 "queued": self.queue.qsize(),
                 "workers": len(self.workers),
+                "backlog": self.backlog(),
                 "counters": dict(self.counters),
                 "instances": dict(self.status),
             })

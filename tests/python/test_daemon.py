@@ -64,13 +64,13 @@ def stubs(tmp_path_factory):
 
 
 class Daemon:
-    def __init__(self, *extra, repository=ROOT / "models" / "demo"):
+    def __init__(self, *extra, repository=ROOT / "models" / "demo", grpc_listen="127.0.0.1:0"):
         assert BINARY.exists(), f"{BINARY} is missing: build it with cargo build (make test does)"
         self.metrics_port = free_port()
         self.proc = subprocess.Popen(
             [str(BINARY), "--log-format", "json", "serve",
              "--repository", str(repository),
-             "--grpc-listen", "127.0.0.1:0",
+             "--grpc-listen", grpc_listen,
              "--admin-listen", "127.0.0.1:0",
              "--metrics-listen", f"127.0.0.1:{self.metrics_port}", *extra],
             stderr=subprocess.PIPE, text=True,

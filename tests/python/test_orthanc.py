@@ -6,9 +6,12 @@ Structured Report it answers back into Orthanc.
 Checked here: each configured image gets exactly one SR, in its study, referencing it; the
 SR reads with pydicom and with dcmtk's dsrdump, and its numbers are those of a direct
 Classify call on the same file; images of modalities with no task get none; an image
-fptserve refuses (no pixel data, an unknown task) is given up at once, an unreachable
-fptserve after the configured retries; the gateway never classifies its own reports; the
-series trigger classifies each instance once; logs name no patient.
+fptserve refuses (no pixel data, an unknown task) is given up at once; the gateway never
+classifies its own reports; the series trigger classifies each instance once; logs name no
+patient. Nothing is lost and nothing doubled: images that arrive while fptserve is down get
+one report each when it returns, also across an Orthanc restart in between, and when
+fptserve is killed (SIGKILL) during calls and restarted; work fed again after a crash
+between storing a report and recording it stores no second report.
 
 Needs Orthanc, its Python plugin and dcmtk (tools/system-deps.sh installs them) and the
 debug binary (make test builds it).
@@ -175,17 +178,31 @@ class Orthanc:
             "UserMetadata": {"FptserveSR": 4500},
             "Fptserve": gateway,
         }
+        self.workdir = workdir
+        self.config = config
         self.config_path = workdir / "orthanc.json"
-        self.config_path.write_text(json.dumps(config, indent=2))
         self.log_path = workdir / "orthanc.log"
-        self.log_file = open(self.log_path, "w")
-        self.proc = subprocess.Popen([ORTHANC, str(self.config_path)], cwd=workdir,
+        self.log_path.write_text("")
+        self._launch()
+
+    def _launch(self):
+        self.config_path.write_text(json.dumps(self.config, indent=2))
+        self.log_file = open(self.log_path, "a")
+        self.proc = subprocess.Popen([ORTHANC, str(self.config_path)], cwd=self.workdir,
                                      stdout=self.log_file, stderr=subprocess.STDOUT)
         try:
             self._wait_ready()
         except BaseException:
             self.stop()
             raise
+
+    def restart(self, **gateway_changes):
+        """Stopped as a service manager does (SIGTERM) and started again on the same
+        database, as after an upgrade or a reboot; its exit code."""
+        code = self.stop()
+        self.config["Fptserve"].update(gateway_changes)
+        self._launch()
+        return code
 
     def _wait_ready(self):
         deadline = time.monotonic() + 30
@@ -251,6 +268,16 @@ class Orthanc:
     def reports(self):
         """Orthanc ids of the SR instances stored."""
         return self.post_json("/tools/find", {"Level": "Instance", "Query": {"Modality": "SR"}})
+
+    def wait_state(self, instance_ids, state, timeout=30):
+        """Waits until every instance is in `state`; returns the status."""
+        deadline = time.monotonic() + timeout
+        while True:
+            status = self.status()
+            if all(status["instances"].get(i, {}).get("state") == state for i in instance_ids):
+                return status
+            assert time.monotonic() < deadline, f"not all {state}: {status}\n{self.log()}"
+            time.sleep(0.1)
 
     def wait_settled(self, instance_ids, timeout=60):
         """Waits until the gateway has finished with every instance; returns its status."""
@@ -397,13 +424,13 @@ def dsrdump(data, tmp_path):
 
 def gateway_config(target, **extra):
     # SkipModalities empty: the reports are kept from the loop by the plugin's own SR guard
-    return {"Target": target, "Trigger": "instance", "Tasks": TASKS, "Retries": 3,
-            "BackoffSeconds": 0.2, "TimeoutSeconds": 30, "Workers": 2, "SkipModalities": [], **extra}
+    return {"Target": target, "Trigger": "instance", "Tasks": TASKS, "BackoffSeconds": 0.2,
+            "MaxBackoffSeconds": 1.0, "TimeoutSeconds": 30, "Workers": 2, "SkipModalities": [],
+            "PollSeconds": 0.2, "BacklogLogSeconds": 1.0, **extra}
 
 
 def test_each_image_sent_gets_one_report_with_the_numbers_of_a_direct_call(
         fptserve, stubs, sources, start_orthanc, tmp_path):
-    pb, pb_grpc = stubs
     orthanc = start_orthanc(gateway_config(fptserve.addr))
     ids = {name: orthanc.store(path, proposal) for name, (path, proposal, _) in sources.items()}
     status = orthanc.wait_settled(ids.values())
@@ -423,13 +450,30 @@ def test_each_image_sent_gets_one_report_with_the_numbers_of_a_direct_call(
         assert states[name]["code"] == code and states[name]["attempts"] == 1, states[name]
         assert orthanc.metadata(ids[name], "FptserveSR") == f"error:{code}"
         assert f"instance {ids[name]}: giving up, {code}" in orthanc.log()
-        assert f"orthanc-{ids[name]}-1" in fptserve.log()
-        assert f"orthanc-{ids[name]}-2" not in fptserve.log()
+        assert f"orthanc-{ids[name]}" in fptserve.log()
 
     # exactly one report per classified image, none for the others, and no report of a report
-    time.sleep(1.5)  # let the gateway see the reports it stored
+    one_report_each(orthanc, fptserve, stubs, {name: sources[name] for name in IMAGES}, ids, tmp_path)
+
+    # sending an image again stores nothing new, so nothing is classified again
+    orthanc.store(*sources["explicit_le"][:2])
+    time.sleep(1.0)
+    assert len(orthanc.reports()) == len(IMAGES)
+
+    # no patient attribute in any log line, Orthanc's or fptserve's
+    for log in (orthanc.log(), fptserve.log()):
+        for value in PHI:
+            assert value not in log
+
+
+def one_report_each(orthanc, fptserve, stubs, sent, ids, tmp_path):
+    """Every image of `sent` (name: (path, proposal, tasks)) has exactly one report, recorded
+    on it, in its study, saying what a direct Classify of the same file says; Orthanc holds
+    no other report, and the gateway classified none of the reports."""
+    pb, pb_grpc = stubs
+    time.sleep(1.0)  # let the gateway see the reports it stored
     reports = orthanc.reports()
-    assert len(reports) == len(IMAGES), (reports, orthanc.log())
+    assert len(reports) == len(sent), (reports, orthanc.log())
     status = orthanc.wait_settled(reports)
     for report_id in reports:
         assert status["instances"][report_id] == {"state": "skipped", "reason": "modality"}
@@ -443,13 +487,12 @@ def test_each_image_sent_gets_one_report_with_the_numbers_of_a_direct_call(
 
     with grpc.insecure_channel(fptserve.addr) as channel:
         client = pb_grpc.ClassifierStub(channel)
-        for name in IMAGES:
-            path, _, tasks = sources[name]
+        for name, (path, _, tasks) in sent.items():
             source = pydicom.dcmread(path, stop_before_pixels=True)
             found = by_source.pop(source.SOPInstanceUID, [])
             assert len(found) == 1, f"{name}: {len(found)} reports"
             report_id, sr, data = found[0]
-            assert states[name]["sr"] == report_id == orthanc.metadata(ids[name], "FptserveSR")
+            assert status["instances"][ids[name]]["sr"] == report_id == orthanc.metadata(ids[name], "FptserveSR")
             # Orthanc filed it under the source's study
             report_study = orthanc.get_json(f"/instances/{report_id}/study")
             source_study = orthanc.get_json(f"/instances/{ids[name]}/study")
@@ -458,16 +501,7 @@ def test_each_image_sent_gets_one_report_with_the_numbers_of_a_direct_call(
             check_report(sr, source, reply, tasks)
             dsrdump(data, tmp_path)
     assert not by_source, f"reports for unknown sources: {list(by_source)}"
-
-    # sending an image again stores nothing new, so nothing is classified again
-    orthanc.store(*sources["explicit_le"][:2])
-    time.sleep(1.0)
-    assert len(orthanc.reports()) == len(IMAGES)
-
-    # no patient attribute in any log line, Orthanc's or fptserve's
-    for log in (orthanc.log(), fptserve.log()):
-        for value in PHI:
-            assert value not in log
+    return reports
 
 
 def test_series_trigger_classifies_each_instance_of_a_stable_series_once(
@@ -503,24 +537,114 @@ def test_series_trigger_classifies_each_instance_of_a_stable_series_once(
     assert sorted(orthanc.metadata(i, "FptserveSR") for i in [*ids, late]) == sorted(reports)
 
 
-def test_an_unreachable_fptserve_is_retried_with_backoff_then_given_up(
-        stubs, sources, start_orthanc):
-    nowhere = f"127.0.0.1:{free_port()}"  # nothing listens there
-    orthanc = start_orthanc(gateway_config(nowhere, Retries=2, BackoffSeconds=0.1))
-    instance = orthanc.store(*sources["explicit_le"][:2])
-    status = orthanc.wait_settled([instance], timeout=30)
-    state = status["instances"][instance]
-    assert state["state"] == "failed" and state["code"] == "UNAVAILABLE", state
-    assert state["attempts"] == 3 and state["permanent"] is False
-    log = orthanc.log()
-    assert log.count(f"instance {instance}: UNAVAILABLE (attempt") == 2
-    assert f"instance {instance}: giving up after 3 attempts" in log
-    # a transient failure records no outcome: the instance can be classified later
-    assert orthanc.metadata(instance, "FptserveSR") is None
+# --- nothing lost, nothing doubled ------------------------------------------------------
+
+DURABLE = ("explicit_le", "rle")  # two images, three tasks between them
+
+
+def wait_retrying(orthanc, ids):
+    """Both images retrying against a fptserve that is down, visible as backlog, logged
+    without patient data, and nothing recorded on them."""
+    status = orthanc.wait_state(ids, "retrying")
+    backlog = status["backlog"]
+    assert backlog["pending"] == len(ids) and backlog["retrying"] == len(ids), backlog
+    assert backlog["oldest_pending_age_s"] >= 0 and backlog["failed"] == {}, backlog
+    for i in ids:
+        assert status["instances"][i]["code"] == "UNAVAILABLE"
+        assert orthanc.metadata(i, "FptserveSR") is None
+    deadline = time.monotonic() + 10
+    while f"fptserve gateway: backlog: {len(ids)} pending" not in orthanc.log():
+        assert time.monotonic() < deadline, orthanc.log()
+        time.sleep(0.2)
     assert orthanc.reports() == []
-    # the plugin lets Orthanc stop cleanly
-    assert orthanc.stop() == 0, orthanc.log()
-    assert "Orthanc has stopped" in orthanc.log_path.read_text()
+    return status
+
+
+def test_images_sent_while_fptserve_is_down_each_get_one_report_when_it_returns(
+        stubs, sources, start_orthanc, tmp_path):
+    listen = f"127.0.0.1:{free_port()}"  # nothing listens there yet
+    orthanc = start_orthanc(gateway_config(listen))
+    ids = {name: orthanc.store(*sources[name][:2]) for name in DURABLE}
+    wait_retrying(orthanc, list(ids.values()))
+    time.sleep(2)  # retried for a while, far past the old fixed retry limit
+    daemon = Daemon(grpc_listen=listen)
+    try:
+        status = orthanc.wait_settled(ids.values())
+        assert all(status["instances"][i]["state"] == "done" for i in ids.values()), status
+        reports = one_report_each(orthanc, daemon, stubs, {n: sources[n] for n in DURABLE}, ids, tmp_path)
+        assert orthanc.status()["backlog"]["pending"] == 0
+
+        # A crash between storing a report and recording it on the image (then the position
+        # in the change log not saved either): the work is fed again, made again with the
+        # same request id, and Orthanc keeps the one report it has.
+        lost = ids["rle"]
+        request = urllib.request.Request(orthanc.url(f"/instances/{lost}/metadata/FptserveSR"), method="DELETE")
+        urllib.request.urlopen(request, timeout=30).close()
+        orthanc.restart(CursorProperty=5474, ClassifyExisting=True)  # a position never saved: from change 0
+        status = orthanc.wait_settled(ids.values())
+        assert status["instances"][lost]["state"] == "done", status["instances"][lost]
+        assert status["instances"][lost]["sr_status"] == "AlreadyStored"
+        assert status["instances"][ids["explicit_le"]]["reason"] == "already classified"
+        assert status["counters"].get("already_stored") == 1 and "classified" not in status["counters"]
+        assert orthanc.metadata(lost, "FptserveSR") in reports
+        assert sorted(orthanc.reports()) == sorted(reports)
+    finally:
+        daemon.proc.kill()
+        daemon.proc.wait(timeout=30)
+    for value in PHI:
+        assert value not in orthanc.log()
+
+
+def test_an_orthanc_restart_while_fptserve_is_down_loses_nothing(stubs, sources, start_orthanc, tmp_path):
+    listen = f"127.0.0.1:{free_port()}"
+    orthanc = start_orthanc(gateway_config(listen))
+    ids = {name: orthanc.store(*sources[name][:2]) for name in DURABLE}
+    wait_retrying(orthanc, list(ids.values()))
+    # an upgrade or a reboot: the in-memory queue is gone; the plugin lets Orthanc stop cleanly
+    assert orthanc.restart() == 0, orthanc.log()
+    assert "resuming after change" in orthanc.log()
+    wait_retrying(orthanc, list(ids.values()))
+    daemon = Daemon(grpc_listen=listen)
+    try:
+        status = orthanc.wait_settled(ids.values())
+        assert all(status["instances"][i]["state"] == "done" for i in ids.values()), status
+        one_report_each(orthanc, daemon, stubs, {n: sources[n] for n in DURABLE}, ids, tmp_path)
+    finally:
+        daemon.proc.kill()
+        daemon.proc.wait(timeout=30)
+
+
+def test_fptserve_killed_during_calls_and_restarted_gives_every_image_one_report(
+        stubs, start_orthanc, tmp_path):
+    listen = f"127.0.0.1:{free_port()}"
+    # calls wait up to 0.4 s for their batch to fill, so some are in flight when the kill lands
+    slow = ("--max-batch-size", "8", "--max-batch-delay-ms", "400")
+    daemon = Daemon(*slow, grpc_listen=listen)
+    orthanc = start_orthanc(gateway_config(listen, Workers=4))
+    sent = {f"image{n}": (make_source(tmp_path, "grey8_explicit_le.dcm", "OP"), "-xe", ["dr-grade"])
+            for n in range(6)}
+    ids = {}
+    try:
+        for name, (path, proposal, _) in sent.items():
+            ids[name] = orthanc.store(path, proposal)
+            if len(ids) == 3:
+                deadline = time.monotonic() + 10
+                while not any(orthanc.status()["instances"].get(i, {}).get("state") == "running"
+                              for i in ids.values()):
+                    assert time.monotonic() < deadline, orthanc.status()
+                    time.sleep(0.05)
+                daemon.proc.kill()  # SIGKILL: calls in flight are cut
+                daemon.proc.wait(timeout=30)
+        status = orthanc.status()
+        assert any(status["instances"].get(i, {}).get("state") == "retrying" for i in ids.values()), status
+        daemon = Daemon(*slow, grpc_listen=listen)
+        status = orthanc.wait_settled(ids.values())
+        assert all(status["instances"][i]["state"] == "done" for i in ids.values()), status
+        assert status["counters"]["retries"] >= 1
+        one_report_each(orthanc, daemon, stubs, sent, ids, tmp_path)
+    finally:
+        daemon.proc.kill()
+        daemon.proc.wait(timeout=30)
 
 
 def make_certificates(out):
@@ -570,14 +694,34 @@ def load_plugin():
 
 
 class FakeOrthanc:
+    """Orthanc's plugin API as the gateway uses it: instances with `tags`, a change log of
+    NewInstance changes for `changes` instance ids (Seq 1, 2, ...), metadata and global
+    properties kept in dicts (pass `properties` to start again on the same "database")."""
+
     class OrthancException(Exception):
         pass
 
-    def __init__(self, tags):
+    def __init__(self, tags, changes=(), properties=None, metadata=None):
         self.tags = tags
-        self.posted, self.metadata, self.logs = [], {}, []
+        self.changes = [{"Seq": n + 1, "ChangeType": "NewInstance", "ID": i} for n, i in enumerate(changes)]
+        self.properties = {} if properties is None else properties
+        self.posted, self.logs = [], []
+        self.metadata = {} if metadata is None else metadata
+
+    def GetGlobalProperty(self, key, default):
+        return self.properties.get(key, default)
+
+    def SetGlobalProperty(self, key, value):
+        self.properties[key] = value
 
     def RestApiGet(self, uri):
+        if uri == "/changes?last":
+            return json.dumps({"Last": len(self.changes)}).encode()
+        if uri.startswith("/changes?since="):
+            since, limit = (int(v.split("=")[1]) for v in uri.split("?")[1].split("&"))
+            page = [c for c in self.changes if c["Seq"] > since][:limit]
+            done = not page or page[-1]["Seq"] == len(self.changes)
+            return json.dumps({"Changes": page, "Done": done, "Last": page[-1]["Seq"] if page else since}).encode()
         if uri.endswith("/tags?short"):
             return json.dumps(self.tags).encode()
         if uri.endswith("/file"):
@@ -621,12 +765,15 @@ class FakeReply:
     structured_report = b"SR-bytes"
 
 
-def run_gateway(failures, retries=3):
+OP_TAGS = {"0008,0060": "OP", "0008,0016": "1.2.840.10008.5.1.4.1.1.7",
+           "0010,0010": PATIENT["PatientName"], "0010,0020": PATIENT["PatientID"]}
+
+
+def run_gateway(failures):
     """One instance through a Gateway whose Classify fails with `failures` first."""
     plugin = load_plugin()
-    api = FakeOrthanc({"0008,0060": "OP", "0008,0016": "1.2.840.10008.5.1.4.1.1.7",
-                       "0010,0010": PATIENT["PatientName"], "0010,0020": PATIENT["PatientID"]})
-    config = plugin.load_config({"Fptserve": {"Tasks": TASKS, "Retries": retries, "BackoffSeconds": 0.001}})
+    api = FakeOrthanc(OP_TAGS)
+    config = plugin.load_config({"Fptserve": {"Tasks": TASKS, "BackoffSeconds": 0.001, "MaxBackoffSeconds": 0.002}})
     calls = []
 
     def classify(dicom, tasks, request_id):
@@ -644,20 +791,21 @@ def run_gateway(failures, retries=3):
 
 
 @pytest.mark.parametrize("code", ["UNAVAILABLE", "RESOURCE_EXHAUSTED", "DEADLINE_EXCEEDED", "ABORTED"])
-def test_plugin_retries_transient_codes(code):
+def test_plugin_retries_transient_codes_without_limit(code):
     state, api, calls = run_gateway([grpc.StatusCode[code]] * 2)
     assert state["state"] == "done" and state["attempts"] == 3 and state["sr"] == "sr-1"
-    assert [c[2] for c in calls] == ["orthanc-inst-1-1", "orthanc-inst-1-2", "orthanc-inst-1-3"]
+    # one request id for every attempt: it names the report (a retry makes the same one)
+    assert [c[2] for c in calls] == ["orthanc-inst-1"] * 3
     assert all(c[:2] == (b"DICM-bytes", ["dr-grade"]) for c in calls)
     assert api.posted == [b"SR-bytes"]
     assert api.metadata == {"/instances/inst-1/metadata/FptserveSR": b"sr-1"}
     assert [level for level, _ in api.logs] == ["W", "W", "I"]
 
-    state, api, calls = run_gateway([grpc.StatusCode[code]] * 10, retries=2)
-    assert state == {"state": "failed", "tasks": ["dr-grade"], "attempts": 3, "code": code,
-                     "permanent": False}
-    assert len(calls) == 3 and api.posted == [] and api.metadata == {}
-    assert [level for level, _ in api.logs] == ["W", "W", "E"]
+    # 40 failures: still retried, logged at attempts 1, 2, 4, 8, 16 and 32 only
+    state, api, calls = run_gateway([grpc.StatusCode[code]] * 40)
+    assert state["state"] == "done" and state["attempts"] == 41 and len(calls) == 41
+    assert api.posted == [b"SR-bytes"]
+    assert [level for level, _ in api.logs] == ["W"] * 6 + ["I"]
 
 
 @pytest.mark.parametrize("code", ["INVALID_ARGUMENT", "NOT_FOUND", "UNIMPLEMENTED", "FAILED_PRECONDITION",
@@ -703,6 +851,65 @@ def test_plugin_records_nothing_for_a_call_cut_by_orthanc_stopping():
         raise FakeRpcError(grpc.StatusCode.CANCELLED)
 
     gateway = plugin.Gateway(api, config, classify)
-    gateway.process_instance("inst-1")
+    assert gateway.process_instance("inst-1") is False  # unfinished: fed again at the next start
+    assert gateway.status["inst-1"]["state"] == "interrupted"
     assert gateway.status["inst-1"]["permanent"] is False
     assert api.metadata == {} and api.posted == []
+
+
+def test_the_change_log_position_moves_only_past_finished_work():
+    """inst-3 cannot be classified (fptserve down for it) while the others can: the saved
+    position stops before it; a gateway started again on the same database feeds inst-3 to
+    inst-5 again, classifies inst-3 and skips the others by their recorded outcome: one
+    report each, and the position reaches the end."""
+    plugin = load_plugin()
+    ids = [f"inst-{n}" for n in range(1, 6)]
+    config = plugin.load_config({"Fptserve": {"Tasks": TASKS, "BackoffSeconds": 0.001, "MaxBackoffSeconds": 0.01,
+                                              "Workers": 2, "ClassifyExisting": True, "PollSeconds": 0.01}})
+    prop = config["CursorProperty"]
+    api = FakeOrthanc(OP_TAGS, changes=ids)
+
+    def down_for_inst_3(dicom, tasks, request_id):
+        if request_id == "orthanc-inst-3":
+            raise FakeRpcError(grpc.StatusCode.UNAVAILABLE)
+        return FakeReply()
+
+    gateway = plugin.Gateway(api, config, down_for_inst_3)
+    gateway.start()
+    deadline = time.monotonic() + 10
+    while not (gateway.backlog()["pending"] == 1 and gateway.backlog()["last_change_read"] == 5
+               and len(api.posted) == 4):
+        assert time.monotonic() < deadline, (gateway.backlog(), api.posted)
+        time.sleep(0.01)
+    backlog = gateway.backlog()
+    assert backlog["cursor"] == 2 and api.properties[prop] == "2", backlog
+    assert backlog["retrying"] == 1 and backlog["oldest_pending_age_s"] >= 0
+    gateway.stop()
+    assert api.properties[prop] == "2"
+
+    again = FakeOrthanc(OP_TAGS, changes=ids, properties=api.properties, metadata=api.metadata)
+    gateway = plugin.Gateway(again, config, lambda dicom, tasks, request_id: FakeReply())
+    gateway.start()
+    deadline = time.monotonic() + 10
+    while again.properties[prop] != "5":
+        assert time.monotonic() < deadline, (gateway.backlog(), gateway.status)
+        time.sleep(0.01)
+    gateway.stop()
+    assert len(again.posted) == 1 and gateway.status["inst-3"]["state"] == "done"
+    assert [gateway.status[i]["reason"] for i in ("inst-4", "inst-5")] == ["already classified"] * 2
+    assert "inst-1" not in gateway.status  # before the saved position: never fed again
+    assert sorted(again.metadata) == [f"/instances/{i}/metadata/FptserveSR" for i in ids]
+
+
+def test_a_first_start_classifies_only_what_arrives_unless_asked_for_the_archive():
+    plugin = load_plugin()
+    for existing, expected in [(False, "3"), (True, "0")]:
+        config = plugin.load_config({"Fptserve": {"Tasks": TASKS, "ClassifyExisting": existing}})
+        api = FakeOrthanc(OP_TAGS, changes=["a", "b", "c"])
+        gateway = plugin.Gateway(api, config, lambda *a: FakeReply())
+        assert gateway._load_cursor() == int(expected)
+        assert api.properties[config["CursorProperty"]] == expected
+    with pytest.raises(ValueError, match="Retries is gone"):
+        plugin.load_config({"Fptserve": {"Retries": 4}})
+    with pytest.raises(ValueError, match="CursorProperty"):
+        plugin.load_config({"Fptserve": {"CursorProperty": 12}})
