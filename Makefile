@@ -8,7 +8,7 @@
 CARGO ?= cargo
 ARGS ?=
 
-.PHONY: serve test system-deps runtime python-env demo-models full-models dicom-parity bench bench-quick bench-train
+.PHONY: serve test system-deps runtime python-env demo-models full-models dicom-parity bench bench-quick bench-train soak
 
 serve: system-deps runtime
 	$(CARGO) run --release --locked -- serve $(ARGS)
@@ -59,3 +59,11 @@ bench-train: python-env models/full/tasks/dr-grade/1/manifest.json
 dicom-parity: system-deps runtime python-env
 	$(CARGO) build --locked
 	.venv/bin/python tools/dicom_parity.py --binary target/debug/fptserve --out tests/python/DICOM_PARITY.md
+
+# The daemon (release build) under mixed traffic for SOAK_SECONDS (default 20 minutes): calls by
+# code, latency over time, RSS / descriptors / threads against stated bounds, in target/soak/.
+# make test runs a two-minute version (tests/python/test_soak.py).
+SOAK_SECONDS ?= 1200
+soak: system-deps runtime python-env
+	$(CARGO) build --release --locked
+	.venv/bin/python benches/soak.py --binary target/release/fptserve --duration $(SOAK_SECONDS) --out target/soak

@@ -20,6 +20,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         prost::Message::encode_to_vec(&descriptors),
     )?;
     tonic_prost_build::configure()
+        // a malformed request is INVALID_ARGUMENT, not INTERNAL (src/grpc/codec.rs)
+        .codec_path("crate::grpc::codec::Codec")
         .build_server(true)
         .build_client(true)
         .compile_fds(descriptors)?;

@@ -7,6 +7,7 @@
 pub mod admin;
 pub mod calls;
 pub mod classifier;
+pub mod codec;
 pub mod inference;
 pub mod model_repository;
 pub mod status;

@@ -12,6 +12,12 @@ use crate::model::ModelError;
 use crate::registry::{ChangeError, ResolveError};
 use crate::structured_report::ReportError;
 
+/// A request body that is not a valid protobuf message of the method's type: the caller's
+/// error. (tonic's own codec answers INTERNAL.)
+pub fn malformed(e: &prost::DecodeError) -> Status {
+    Status::invalid_argument(format!("malformed request message: {e}"))
+}
+
 /// The code a decode error maps to.
 pub fn decode_code(e: &DecodeError) -> Code {
     match e {
