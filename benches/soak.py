@@ -357,8 +357,13 @@ class Soak:
             "feature_cache": metrics,
             "latency": latency, "growth": growth, "samples": self.samples,
         }
-        result["passed"] = self.unexpected_calls == 0 and all(g["ok"] for g in growth.values()) \
-            and self.daemon.proc.poll() is None
+        failures = [f"{self.unexpected_calls} calls with an unexpected code"] if self.unexpected_calls else []
+        failures += [f"{key} grew by {g['growth']:.0f}, over its bound {g['bound']:.0f}"
+                     for key, g in growth.items() if not g["ok"]]
+        if self.daemon.proc.poll() is not None:
+            failures.append(f"the daemon exited ({self.daemon.proc.returncode})")
+        result["failures"] = failures
+        result["passed"] = not failures
         return result
 
     def metrics(self) -> dict:
@@ -377,7 +382,8 @@ class Soak:
 def markdown(r: dict) -> str:
     mib = 1 << 20
     lines = [f"# Soak: {r['duration_s']:.0f} s, {r['concurrency']} client threads, seed {r['seed']}", "",
-             f"Binary `{r['binary']}`. **{'PASSED' if r['passed'] else 'FAILED'}**: {r['calls']} calls, "
+             f"Binary `{r['binary']}`. **{'PASSED' if r['passed'] else 'FAILED: ' + '; '.join(r['failures'])}**: "
+             f"{r['calls']} calls, "
              f"{r['unexpected_calls']} with an unexpected code.", "",
              f"Corpus: {r['corpus']['decoding']} files that classify, over transfer syntaxes "
              f"{', '.join(f'{k} ({v})' for k, v in r['corpus']['transfer_syntaxes'].items())}; "
