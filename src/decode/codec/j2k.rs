@@ -107,6 +107,7 @@ pub(super) fn decode(
     shape: &Shape,
     min: Option<MinSize>,
 ) -> Result<RawFrame, DecodeError> {
+    check_siz(stream, shape)?;
     // Some encoders wrap the codestream in a JP2 file, which DICOM forbids but readers accept.
     let format = if stream.starts_with(&[0, 0, 0, 0x0C, 0x6A, 0x50, 0x20, 0x20]) {
         opj::CODEC_FORMAT::OPJ_CODEC_JP2
@@ -291,6 +292,69 @@ unsafe fn resolution_levels(codec: *mut opj::opj_codec_t) -> u32 {
 /// The image's components as a slice.
 ///
 /// # Safety
+/// Most tiles a codestream may declare. OpenJPEG sets up each declared tile's coding
+/// parameters (about 5 KB) while reading the main header, before any data: a 200-byte
+/// codestream claiming the standard's 65,535 tiles made it take 330 MB (found by the
+/// fuzzer, twice that with two tile grids). Encoders tile DICOM frames in 256-1024 pixel
+/// tiles, if at all: a 4096 x 4096 frame in 64 x 64 tiles is 4096.
+const MAX_TILES: u64 = 4096;
+
+/// The image and tile sizes of the SIZ marker segment (which follows SOC), checked before
+/// OpenJPEG reads the header: the image must be the frame the DICOM header describes, and
+/// the tile grid at most [`MAX_TILES`]. A codestream whose SIZ cannot be found is left to
+/// OpenJPEG to refuse.
+fn check_siz(stream: &[u8], shape: &Shape) -> Result<(), DecodeError> {
+    let Some(at) = stream
+        .windows(4)
+        .take(4096)
+        .position(|w| w == [0xFF, 0x4F, 0xFF, 0x51])
+    else {
+        return Ok(());
+    };
+    let siz = &stream[at + 4..];
+    let be32 = |i: usize| -> Option<u64> {
+        siz.get(i..i + 4)
+            .map(|b| u64::from(u32::from_be_bytes([b[0], b[1], b[2], b[3]])))
+    };
+    let fields = (|| {
+        Some((
+            be32(4)?,                                                      // Xsiz
+            be32(8)?,                                                      // Ysiz
+            be32(12)?,                                                     // XOsiz
+            be32(16)?,                                                     // YOsiz
+            be32(20)?,                                                     // XTsiz
+            be32(24)?,                                                     // YTsiz
+            be32(28)?,                                                     // XTOsiz
+            be32(32)?,                                                     // YTOsiz
+            u64::from(u16::from_be_bytes([*siz.get(36)?, *siz.get(37)?])), // Csiz
+            u32::from(*siz.get(38)? & 0x7F) + 1, // Ssiz of the first component
+        ))
+    })();
+    let Some((x, y, xo, yo, xt, yt, xto, yto, components, precision)) = fields else {
+        return Err(DecodeError::Invalid(
+            "JPEG 2000 SIZ marker segment is truncated".into(),
+        ));
+    };
+    shape.check_codestream(
+        x.saturating_sub(xo),
+        y.saturating_sub(yo),
+        components,
+        precision,
+    )?;
+    if xt == 0 || yt == 0 || xto > xo || yto > yo {
+        return Err(DecodeError::Invalid(format!(
+            "JPEG 2000 tile grid is invalid: tiles of {xt} x {yt} from ({xto}, {yto}) for an image from ({xo}, {yo})"
+        )));
+    }
+    let tiles = (x - xto).div_ceil(xt) * (y - yto).div_ceil(yt);
+    if tiles > MAX_TILES {
+        return Err(DecodeError::Invalid(format!(
+            "JPEG 2000 codestream declares {tiles} tiles ({xt} x {yt} pixels each); at most {MAX_TILES} are accepted"
+        )));
+    }
+    Ok(())
+}
+
 /// `image` must come from OpenJPEG, with `comps` holding `numcomps` entries (or null).
 unsafe fn component_slice(image: &opj::opj_image_t) -> &[opj::opj_image_comp_t] {
     if image.comps.is_null() {
@@ -325,4 +389,39 @@ fn uses_mct(stream: &[u8]) -> bool {
         i += 2 + usize::from(u16::from_be_bytes([l0, l1]));
     }
     false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// SOC, then a SIZ for one 8-bit component of `w` x `h` in tiles of `t` x `t`.
+    fn codestream(w: u32, h: u32, t: u32) -> Vec<u8> {
+        let mut out = vec![0xFF, 0x4F, 0xFF, 0x51, 0, 41, 0, 0];
+        for v in [w, h, 0, 0, t, t, 0, 0] {
+            out.extend(v.to_be_bytes());
+        }
+        out.extend([0, 1, 7, 1, 1]);
+        out
+    }
+
+    #[test]
+    fn siz_is_checked_before_openjpeg_reads_the_header() {
+        let shape = Shape {
+            width: 512,
+            height: 512,
+            samples: 1,
+            bytes: 1,
+        };
+        assert!(check_siz(&codestream(512, 512, 512), &shape).is_ok());
+        assert!(check_siz(&codestream(512, 512, 8), &shape).is_ok()); // 4096 tiles
+        // the fuzzer's input: 65,536 tiles of 2 x 2 (330 MB inside OpenJPEG before)
+        let many = check_siz(&codestream(512, 512, 2), &shape).unwrap_err();
+        assert!(many.to_string().contains("65536 tiles"), "{many}");
+        let wide = check_siz(&codestream(16_776_960, 512, 512), &shape).unwrap_err();
+        assert!(wide.to_string().contains("16776960 x 512"), "{wide}");
+        assert!(check_siz(&codestream(512, 512, 0), &shape).is_err());
+        assert!(check_siz(&codestream(512, 512, 512)[..20], &shape).is_err());
+        assert!(check_siz(b"no marker here", &shape).is_ok()); // left to OpenJPEG
+    }
 }
