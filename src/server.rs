@@ -145,6 +145,14 @@ pub async fn serve(
         .layer(tower::util::MapResponseLayer::new(
             oversized_is_resource_exhausted::<tonic::body::Body>,
         ))
+        .layer(tower::util::MapRequestLayer::new(
+            |mut request: tonic::codegen::http::Request<tonic::body::Body>| {
+                request
+                    .extensions_mut()
+                    .insert(crate::grpc::calls::Arrived(std::time::Instant::now()));
+                request
+            },
+        ))
         .add_service(health)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)

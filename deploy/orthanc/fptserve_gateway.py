@@ -40,8 +40,10 @@ try:
 except ImportError:  # imported by tests without Orthanc
     orthanc = None
 
-# gRPC status codes worth another try (the server was busy, restarting or slow).
-TRANSIENT_CODES = ("UNAVAILABLE", "RESOURCE_EXHAUSTED", "DEADLINE_EXCEEDED", "ABORTED")
+# gRPC status codes worth another try (the server was busy, restarting or slow; CANCELLED
+# when the gateway itself is not stopping: a server or proxy gave up on the call, e.g.
+# tonic when a deadline expires before the handler answers).
+TRANSIENT_CODES = ("UNAVAILABLE", "RESOURCE_EXHAUSTED", "DEADLINE_EXCEEDED", "ABORTED", "CANCELLED")
 # Any other code is permanent: the same request would fail the same way (INVALID_ARGUMENT,
 # NOT_FOUND, UNIMPLEMENTED, FAILED_PRECONDITION, PERMISSION_DENIED, UNAUTHENTICATED, ...).
 

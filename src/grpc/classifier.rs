@@ -2,7 +2,6 @@
 //! path off the async executor.
 
 use std::sync::Arc;
-use std::time::Instant;
 
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
@@ -89,8 +88,7 @@ impl Classifier for ClassifierService {
         &self,
         request: Request<pb::ClassifyRequest>,
     ) -> Result<Response<pb::ClassifyResponse>, Status> {
-        let received = Instant::now();
-        let deadline = calls::deadline(&request, received);
+        let deadline = calls::deadline(&request);
         let request = request.into_inner();
         let request_id = calls::request_id(&request.request_id);
         let tasks = request.tasks.clone();

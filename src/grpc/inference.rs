@@ -8,7 +8,6 @@
 //! model repository extension lives in [`super::model_repository`].
 
 use std::sync::Arc;
-use std::time::Instant;
 
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
@@ -289,8 +288,7 @@ impl GrpcInferenceService for InferenceService {
         &self,
         request: Request<pb::ModelInferRequest>,
     ) -> Result<Response<pb::ModelInferResponse>, Status> {
-        let received = Instant::now();
-        let deadline = calls::deadline(&request, received);
+        let deadline = calls::deadline(&request);
         let mut request = request.into_inner();
         let request_id = calls::request_id(&request.id);
         let span = tracing::info_span!("infer", request_id = %request_id);

@@ -824,7 +824,7 @@ def run_gateway(failures):
     return gateway.status["inst-1"], api, calls
 
 
-@pytest.mark.parametrize("code", ["UNAVAILABLE", "RESOURCE_EXHAUSTED", "DEADLINE_EXCEEDED", "ABORTED"])
+@pytest.mark.parametrize("code", ["UNAVAILABLE", "RESOURCE_EXHAUSTED", "DEADLINE_EXCEEDED", "ABORTED", "CANCELLED"])
 def test_plugin_retries_transient_codes_without_limit(code):
     state, api, calls = run_gateway([grpc.StatusCode[code]] * 2)
     assert state["state"] == "done" and state["attempts"] == 3 and state["sr"] == "sr-1"
