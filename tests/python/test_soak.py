@@ -3,7 +3,13 @@ traffic (Classify on every transfer syntax of the corpus, multi-task calls, Mode
 structured reports, cancelled and deadline-exceeded calls, bad inputs, adapter swaps through
 the admin API and the repository watch, feature-cache hits and evictions) answers every call
 with its expected code, stays up, and its RSS, descriptors and threads do not grow past the
-script's stated bounds after warm-up.
+stated bounds after warm-up.
+
+Two minutes lie inside the allocator's warm-up (the 20-minute run's RSS rose for about 200 s,
+then stayed flat; a fresh CI machine's first two minutes rose by 20 MiB), so here growth is
+measured over the second minute only and RSS may grow by 5% + 40 MiB: over that minute's
+~20,000 calls this catches a leak of about 2 KB per call or more. Descriptors and threads keep
+their bounds of 8. The leak check proper is `make soak`.
 """
 
 import json
@@ -15,7 +21,7 @@ from test_daemon import BINARY, ROOT
 
 def test_two_minute_soak_has_no_unexpected_code_and_no_growth(tmp_path):
     done = subprocess.run([sys.executable, str(ROOT / "benches" / "soak.py"), "--binary", str(BINARY),
-                           "--duration", "120", "--out", str(tmp_path)],
+                           "--duration", "120", "--warmup", "0.5", "--rss-bound", "40", "--out", str(tmp_path)],
                           capture_output=True, text=True, timeout=600)
     report = json.loads((tmp_path / "soak.json").read_text())
     summary = (tmp_path / "soak.md").read_text()
