@@ -136,9 +136,9 @@ def test_authors_checkpoint_loads_as_is_and_reproduces_logits(tmp_path, tiny_rep
     fresh.eval()
     g = torch.Generator().manual_seed(5)
     x, y = torch.randn(2, 3, 64, 64, generator=g), torch.randn(2, 3, 32, 32, generator=g)
-    k, v = ort_session(tiny_repo / "backbones" / "tiny" / "backbone.onnx").run(None, {"pixel_values": x.numpy()})
+    k, v = ort_session(tiny_repo / "backbones" / "tiny" / "backbone.onnx").run(["key_states", "value_states"], {"pixel_values": x.numpy()})
     (got,) = ort_session(tiny_repo / "tasks" / "ckpt-task" / "1" / "side.onnx").run(
-        None, {"side_pixel_values": y.numpy(), "key_states": k, "value_states": v})
+        ["logits"], {"side_pixel_values": y.numpy(), "key_states": k, "value_states": v})
     with torch.no_grad():
         want = fresh(y, torch.from_numpy(k), torch.from_numpy(v)).numpy()
     assert np.abs(got - want).max() <= 1e-4

@@ -166,6 +166,7 @@ def test_demo_format_and_size():
     assert (a["image_size"], a["pretrained_image_size"], a["num_tokens"], a["top_k"], a["layers_used"]) == (64, 48, 65, 13, [3, 4, 5])
     assert a["kv_layout"] == "batch,layer,head,token,head_dim" and a["kv_dtype"] == "float32"
     assert bm["outputs"] == [{"name": n, "dtype": "float32", "shape": [-1, 3, 4, 13, 8]} for n in ("key_states", "value_states")]
+    assert bm["explanation_outputs"] == [{"name": "token_indices", "dtype": "int64", "shape": [-1, 3, 4, 13]}]
     assert (DEMO / "backbones" / "vit-tiny-demo" / "manifest.json").read_text() == json.dumps(bm, indent=2) + "\n"
 
     tasks = {}
@@ -177,6 +178,10 @@ def test_demo_format_and_size():
         assert m["sha256"] == hashlib.sha256((mpath.parent / "side.onnx").read_bytes()).hexdigest()
         assert m["backbone"] == {"name": "vit-tiny-demo", "sha256": bm["sha256"]}
         assert m["architecture"]["num_classes"] == len(m["classes"]) and m["outputs"][0]["shape"] == [-1, len(m["classes"])]
+        assert len(m["outputs"]) == 1 and m["explanation_outputs"] == [
+            {"name": "token_relevance", "dtype": "float32", "shape": [-1, len(m["classes"]), 3, 4, 13]},
+            {"name": "patch_relevance", "dtype": "float32", "shape": [-1, len(m["classes"]), 16]},
+        ]
         p = m["preprocessing"]
         assert p["backbone_size"] == [64, 64] and p["side_size"] == [32, 32] and p["resize"] == "pil-bilinear"
         assert p["channels"] == "rgb" and p["dicom"] == {"voi": "auto"}
@@ -224,9 +229,9 @@ def test_reference_reproduced_by_onnxruntime():
         assert case["classes"] == m["classes"]
         p = m["preprocessing"]
         x, y = preprocess(load_rgb(FIXTURES / case["input"]), p["backbone_size"], p["side_size"], p["mean"], p["std"])
-        k, v = backbone.run(None, {"pixel_values": x[None]})
+        k, v = backbone.run(["key_states", "value_states"], {"pixel_values": x[None]})
         side = ort_session(DEMO / "tasks" / case["task"] / case["version"] / "side.onnx")
-        (logits,) = side.run(None, {"side_pixel_values": y[None], "key_states": k, "value_states": v})
+        (logits,) = side.run(["logits"], {"side_pixel_values": y[None], "key_states": k, "value_states": v})
         np.testing.assert_allclose(logits[0], case["logits"], atol=ref["tolerance"], rtol=0)
         probs = np.exp(np.asarray(case["logits"], np.float64) - max(case["logits"]))
         np.testing.assert_allclose(case["probabilities"], probs / probs.sum(), atol=1e-12)

@@ -38,7 +38,7 @@ def test_tiny_backbone_graph_interface(tiny_repo):
     m, inputs, outputs = graph_io(tiny_repo / "backbones" / "tiny" / "backbone.onnx")
     assert inputs == [("pixel_values", "float32", ["batch", 3, 64, 64])]
     kv = ["batch", 3, 4, 13, 8]
-    assert outputs == [("key_states", "float32", kv), ("value_states", "float32", kv)]
+    assert outputs == [("key_states", "float32", kv), ("value_states", "float32", kv), ("token_indices", "int64", kv[:-1])]
     ops = {n.op_type for n in m.graph.node}
     assert "Resize" not in ops  # position table interpolated at build time, a constant
     assert "TopK" in ops and "GatherElements" in ops
@@ -60,7 +60,9 @@ def test_tiny_end_to_end_parity_fp32(tmp_path, tiny_backbone, batch):
     _, inputs, outputs = graph_io(tmp_path / "tasks" / "dr-grade" / "1" / "side.onnx")
     kv = ["batch", 3, 4, 13, 8]
     assert inputs == [("side_pixel_values", "float32", ["batch", 3, 32, 32]), ("key_states", "float32", kv), ("value_states", "float32", kv)]
-    assert outputs == [("logits", "float32", ["batch", 5])]
+    assert outputs == [("logits", "float32", ["batch", 5]), ("token_relevance", "float32", ["batch", 5, 3, 4, 13]),
+                       ("patch_relevance", "float32", ["batch", 5, 16])]
+    assert man["parity"]["explain"]["token_relevance_max_abs_diff"] <= 1e-4
     # fresh inputs, other batch sizes than the export's
     g = torch.Generator().manual_seed(99 + batch)
     x, y = torch.randn(batch, 3, 64, 64, generator=g), torch.randn(batch, 3, 32, 32, generator=g)
@@ -79,6 +81,7 @@ def test_tiny_fp16_backbone(tmp_path, tiny_backbone):
     bm = export_backbone(tiny_backbone, tmp_path, "tiny16", "random-init(seed=0)", 0, fp16=True)
     assert bm["architecture"]["kv_dtype"] == "float16" and bm["parity"]["dtype"] == "float16"
     assert [o["dtype"] for o in bm["outputs"]] == ["float16", "float16"]
+    assert [o["dtype"] for o in bm["explanation_outputs"]] == ["int64"]
     assert bm["parity"]["max_abs_diff"] < 0.05
     am = export_adapter(tmp_path, "tiny16", "t", "1", CLASSES5, side, tiny_backbone, MEAN, STD, "random-init(seed=12)", None, 12)
     _, inputs, _ = graph_io(tmp_path / "tasks" / "t" / "1" / "side.onnx")

@@ -125,7 +125,7 @@ def test_variant_folder_and_manifest(plain):
 
     assert m["format"] == "fptserve.backbone/v1"
     assert m["name"] == "tiny-int8" and m["file"] == "backbone.onnx"
-    for key in ("architecture", "inputs", "outputs", "source_weights", "opset"):
+    for key in ("architecture", "inputs", "outputs", "explanation_outputs", "source_weights", "opset"):
         assert m[key] == fp32[key], key
     assert m["architecture"]["kv_dtype"] == "float32"
     assert m["precision"] == "int8"
@@ -165,10 +165,11 @@ def test_variant_folder_and_manifest(plain):
     assert all(np.abs(onnx.numpy_helper.to_array(t)).max() <= 64 for t in int8)  # 7-bit range
     assert not any(t.data_type == onnx.TensorProto.FLOAT and len(t.dims) == 2 and t.dims[0] >= 32 and t.dims[1] >= 32
                    for t in model.graph.initializer)  # no float weight matrix left
-    assert [o.name for o in model.graph.output] == ["key_states", "value_states"]
-    k, v = ort_session(folder / "backbone.onnx").run(None, {"pixel_values": px[:3]})
+    assert [o.name for o in model.graph.output] == ["key_states", "value_states", "token_indices"]
+    k, v, idx = ort_session(folder / "backbone.onnx").run(None, {"pixel_values": px[:3]})
     expected = (3, *m["outputs"][0]["shape"][1:])
     assert k.shape == v.shape == expected and k.dtype == v.dtype == np.float32
+    assert idx.shape == expected[:-1] and idx.dtype == np.int64  # the explanation output is kept
 
 
 def test_adapters_covered_and_skipped(plain):
@@ -253,7 +254,7 @@ def test_float16_variant_keeps_the_float32_interface(half):
     read_backbone(repo, "tiny-fp16")  # digest checked
     assert m["name"] == "tiny-fp16" and m["precision"] == "float16"
     assert m["quantized_from"] == {"name": "tiny", "sha256": fp32["sha256"]}
-    for key in ("architecture", "inputs", "outputs", "source_weights", "opset"):
+    for key in ("architecture", "inputs", "outputs", "explanation_outputs", "source_weights", "opset"):
         assert m[key] == fp32[key], key  # float32 pixels in, float32 K/V out: the adapters' interface
     q = m["quantization"]
     assert q["method"] == "float16" and q["kept_float"][0]["nodes"] == "TopK"
@@ -265,7 +266,7 @@ def test_float16_variant_keeps_the_float32_interface(half):
     assert len(weights) >= 33 and all(t.data_type == onnx.TensorProto.FLOAT16 for t in weights)
     elem = onnx.TensorProto.FLOAT
     assert [i.type.tensor_type.elem_type for i in model.graph.input] == [elem]
-    assert [o.type.tensor_type.elem_type for o in model.graph.output] == [elem, elem]
+    assert [o.type.tensor_type.elem_type for o in model.graph.output] == [elem, elem, onnx.TensorProto.INT64]
     assert len(Q.selection_nodes(model.graph)) == 3  # the token selection is found through the Casts
 
     # float16 rounding only: the unit roundoff is 2^-11 (4.9e-4); the K/V of the tokens both
@@ -318,8 +319,8 @@ def test_report_matches_independent_recomputation(plain, half, split, variant):
         spx = np.stack([to_tensor(img, pre["side_size"], pre["mean"], pre["std"]) for img in images])
         (k0, v0), (k1, v1) = recompute(fp32_path, int8_path, bpx)["kv"]
         side = ort_session(folder / "side.onnx")
-        l0 = side.run(None, {"side_pixel_values": spx, "key_states": k0, "value_states": v0})[0].astype(np.float64)
-        l1 = side.run(None, {"side_pixel_values": spx, "key_states": k1, "value_states": v1})[0].astype(np.float64)
+        l0 = side.run(["logits"], {"side_pixel_values": spx, "key_states": k0, "value_states": v0})[0].astype(np.float64)
+        l1 = side.run(["logits"], {"side_pixel_values": spx, "key_states": k1, "value_states": v1})[0].astype(np.float64)
         p0 = np.exp(l0 - l0.max(1, keepdims=True))
         p0 /= p0.sum(1, keepdims=True)
         p1 = np.exp(l1 - l1.max(1, keepdims=True))
@@ -476,9 +477,9 @@ def test_outlier_backbone_is_sensible(outliers):
     for entry in fid["adapters"]:
         folder = repo / "tasks" / entry["task"] / "1"
         side = ort_session(folder / "side.onnx")
-        k, v = ort_session(path).run(None, {"pixel_values": px})
+        k, v = ort_session(path).run(["key_states", "value_states"], {"pixel_values": px})
         spx = Q.preprocess_set(images, [32, 32], MEAN_A, STD_A)
-        p = Q.softmax64(side.run(None, {"side_pixel_values": spx, "key_states": k, "value_states": v})[0])
+        p = Q.softmax64(side.run(["logits"], {"side_pixel_values": spx, "key_states": k, "value_states": v})[0])
         counts = np.bincount(p.argmax(1), minlength=p.shape[1])
         assert (counts > 0).sum() >= min(p.shape[1], 2) and counts.max() <= 0.8 * len(p), (entry["task"], counts)
         assert p.max(1).mean() < 0.98
@@ -567,5 +568,7 @@ def test_fused_attention_rewrite_keeps_outputs(plain):
     px = Q.preprocess_set(Q.synthetic_images("x", 4, 8, 64).images, [64, 64], MEAN_A, STD_A)
     a = ort_session(path).run(None, {"pixel_values": px})
     b = ort_session(fused.SerializeToString()).run(None, {"pixel_values": px})
-    for x, y in zip(a, b):
+    assert len(a) == len(b) == 3
+    for x, y in zip(a[:2], b[:2]):
         assert np.abs(x - y).max() < 1e-4
+    assert (np.sort(a[2], -1) == np.sort(b[2], -1)).all()  # token_indices: the same sets

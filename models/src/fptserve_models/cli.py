@@ -52,7 +52,8 @@ def cmd_export_backbone(args) -> None:
         config = BACKBONE_PRESETS[args.preset].replace(**over)
         model, source, seed = random_backbone(config, args.seed), f"random-init(seed={args.seed})", args.seed
     m = export_backbone(
-        model, args.out, args.name, source, seed, fp16=args.fp16, opset=args.opset, parity_samples=args.parity_samples
+        model, args.out, args.name, source, seed, fp16=args.fp16, opset=args.opset, parity_samples=args.parity_samples,
+        explain=not args.no_explain_outputs,
     )
     print(json.dumps({"backbone": args.name, "sha256": m["sha256"], "parity": m["parity"]}, indent=2))
 
@@ -95,7 +96,7 @@ def cmd_export_adapter(args) -> None:
     m = export_adapter(
         args.out, args.backbone, args.task, args.version, classes, side, backbone,
         _floats(args.mean), _floats(args.std), ckpt, digest, seed=seed, opset=args.opset,
-        parity_samples=args.parity_samples,
+        parity_samples=args.parity_samples, explain=not args.no_explain_outputs,
     )
     print(json.dumps({"task": args.task, "version": args.version, "sha256": m["sha256"], "parity": m["parity"]}, indent=2))
 
@@ -130,7 +131,7 @@ def cmd_train(args) -> None:
         hf_dir=path(args.hf_dir), publish=args.publish, publish_mode=args.publish_mode,
         make_default=args.make_default, admin_token_file=path(args.admin_token_file), tls_ca=path(args.tls_ca),
         tls_cert=path(args.tls_cert), tls_key=path(args.tls_key), tls_server_name=args.tls_server_name,
-        progress=not args.quiet, opset=args.opset, threads=args.threads,
+        progress=not args.quiet, opset=args.opset, threads=args.threads, explain=not args.no_explain_outputs,
     )
     result = train(opts)
     if args.quiet:
@@ -155,6 +156,14 @@ def cmd_full(args) -> None:
     from .demo import generate_full
 
     generate_full(Path(args.out), fp16=args.fp16, opset=args.opset)
+
+
+def _explain_flag(parser, what: str) -> None:
+    parser.add_argument(
+        "--no-explain-outputs", action="store_true",
+        help=f"leave out {what}: the extra outputs saliency maps are built from (added by default; older daemons "
+             "ignore them)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -182,6 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--fp16", action="store_true", help="float16 weights/compute and K/V outputs (for GPU)")
     b.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default {DEFAULT_OPSET})")
     b.add_argument("--parity-samples", type=int, default=2, help="seeded inputs for the parity check (default 2)")
+    _explain_flag(b, "the output token_indices (which tokens each used layer and head selected)")
     b.set_defaults(func=cmd_export_backbone)
 
     a = sub.add_parser(
@@ -215,6 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
         a.add_argument(f"--side-{name}", type=int, help=f"{help_} (default: preset)")
     a.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default {DEFAULT_OPSET})")
     a.add_argument("--parity-samples", type=int, default=2, help="seeded inputs for the parity check (default 2)")
+    _explain_flag(a, "the outputs token_relevance and patch_relevance (per-class relevance of the selected tokens and side patches)")
     a.set_defaults(func=cmd_export_adapter)
 
     t = sub.add_parser(
@@ -288,6 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
     s2.add_argument("--hf-dir", help="the HF ViT folder the backbone was exported from: adds the end-to-end parity check "
                                      "against the PyTorch backbone (random-init backbones are rebuilt from their seed)")
     s2.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default {DEFAULT_OPSET})")
+    _explain_flag(s2, "the adapter's outputs token_relevance and patch_relevance")
     pub = t.add_argument_group("publishing")
     pub.add_argument("--publish", metavar="ADDR", help="admin API address (host:port) of a running daemon to load the new version into")
     pub.add_argument("--publish-mode", choices=["upload", "path"], default="upload",

@@ -90,20 +90,22 @@ def build_repository(
     opset: int = DEFAULT_OPSET,
     parity_samples: int = 2,
     log=print,
+    explain: bool = True,
 ) -> tuple[Backbone, dict]:
-    """Random-weight repository: one backbone, one adapter per task spec. Returns the PyTorch
-    backbone and {(task, version): side network}."""
+    """Random-weight repository: one backbone, one adapter per task spec (with explanation
+    outputs unless `explain` is false). Returns the PyTorch backbone and {(task, version): side
+    network}."""
     backbone, sides = random_models(backbone_config, side_config, backbone_seed, tasks)
     m = export_backbone(
         backbone, out, backbone_name, f"random-init(seed={backbone_seed})", backbone_seed,
-        fp16=fp16, opset=opset, parity_samples=parity_samples,
+        fp16=fp16, opset=opset, parity_samples=parity_samples, explain=explain,
     )
     log(f"backbone {backbone_name}: {m['sha256'][:12]} parity {m['parity']['dtype']} {m['parity']['max_abs_diff']:.3g}")
     for spec in tasks:
         a = export_adapter(
             out, backbone_name, spec.task, spec.version, list(spec.classes), sides[(spec.task, spec.version)],
             backbone, list(spec.mean), list(spec.std), f"random-init(seed={spec.seed})", None, seed=spec.seed,
-            opset=opset, parity_samples=parity_samples,
+            opset=opset, parity_samples=parity_samples, explain=explain,
         )
         log(
             f"adapter {spec.task}/{spec.version}: {a['sha256'][:12]} parity {a['parity']['max_abs_diff']:.3g} "

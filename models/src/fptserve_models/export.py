@@ -23,12 +23,18 @@ import torch
 
 from . import __version__
 from .config import DEFAULT_OPSET, BackboneConfig, SideConfig
-from .model import Backbone, BackboneForExport, SideNetwork
+from .model import Backbone, BackboneForExport, SideNetwork, SideNetworkForExplain
 from .weights import sha256_file
 
 BACKBONE_FORMAT = "fptserve.backbone/v1"
 ADAPTER_FORMAT = "fptserve.adapter/v1"
 KV_LAYOUT = "batch,layer,head,token,head_dim"
+# Optional outputs for saliency maps (issue 22; explain.py). Manifests list them under a key of
+# their own, "explanation_outputs", not "outputs": daemons check every tensor that "outputs"
+# names against the graph, and those that predate these outputs know no int64 dtype, so listing
+# token_indices there would make them refuse the backbone. They ignore the extra graph outputs.
+TOKEN_INDICES = "token_indices"
+EXPLAIN_OUTPUTS = ("token_relevance", "patch_relevance")
 # ONNX Runtime against PyTorch, both float32: two summation orders (the kernels differ by CPU),
 # each within a few ulps of exact, so they differ by a few ulps of values of order 10 (measured
 # 1e-6 to 5e-6 on the tiny and the full-size models, models/README.md). 1e-4 leaves a factor
@@ -207,6 +213,38 @@ def kv_shape(config: BackboneConfig) -> list[int]:
     return [-1, len(config.layers_used), config.num_heads, config.top_k, config.head_dim]
 
 
+def token_indices_shape(config: BackboneConfig) -> list[int]:
+    return [-1, len(config.layers_used), config.num_heads, config.top_k]
+
+
+def explain_shapes(bconf: BackboneConfig, sconf: SideConfig) -> dict[str, list[int]]:
+    """Shapes of an adapter's explanation outputs (-1 = batch)."""
+    return {
+        "token_relevance": [-1, sconf.num_classes, len(bconf.layers_used), bconf.num_heads, bconf.top_k],
+        "patch_relevance": [-1, sconf.num_classes, sconf.grid_size * sconf.grid_size],
+    }
+
+
+def selection_differences(details, tokens: np.ndarray, tie_tolerance: float) -> tuple[int, int]:
+    """Selected tokens [B, L, H, k] against the reference's top-k, as sets per (sample, layer,
+    head): (tokens in the symmetric differences, those of them that are not near-ties with the
+    k-th importance value)."""
+    ref_idx = details.indices.numpy()
+    importance = details.importance.double().numpy()
+    b_, l_, h_, k_ = tokens.shape
+    mismatched, unexplained = 0, 0
+    for b in range(b_):
+        for l in range(l_):
+            for h in range(h_):
+                diff = set(tokens[b, l, h].tolist()) ^ set(ref_idx[b, l, h].tolist())
+                if diff:
+                    imp = importance[b, l, h]
+                    kth = np.sort(imp)[::-1][k_ - 1]
+                    mismatched += len(diff)
+                    unexplained += sum(1 for t in diff if abs(imp[t] - kth) > tie_tolerance)
+    return mismatched, unexplained
+
+
 def compare_kv_sets(details, key_states: np.ndarray, value_states: np.ndarray, tie_tolerance: float) -> dict[str, Any]:
     """Compare exported K/V with the PyTorch reference as SETS per (sample, layer, head).
 
@@ -217,12 +255,10 @@ def compare_kv_sets(details, key_states: np.ndarray, value_states: np.ndarray, t
     must be a near-tie with the k-th importance value (else it counts as unexplained).
     """
     ref_full = torch.cat([details.all_keys, details.all_values], dim=-1).double().numpy()  # [B,L,H,N,2d]
-    ref_idx = details.indices.numpy()
-    importance = details.importance.double().numpy()
     got = np.concatenate([key_states, value_states], axis=-1).astype(np.float64)  # [B,L,H,k,2d]
     b_, l_, h_, k_, _ = got.shape
     tokens = np.zeros((b_, l_, h_, k_), dtype=np.int64)
-    max_diff, mismatched, unexplained, duplicates = 0.0, 0, 0, 0
+    max_diff, duplicates = 0.0, 0
     for b in range(b_):
         for l in range(l_):
             for h in range(h_):
@@ -233,12 +269,7 @@ def compare_kv_sets(details, key_states: np.ndarray, value_states: np.ndarray, t
                 if len(set(idx.tolist())) != k_:
                     duplicates += 1
                 max_diff = max(max_diff, float(np.abs(rows - full[idx]).max()))
-                diff = set(idx.tolist()) ^ set(ref_idx[b, l, h].tolist())
-                if diff:
-                    imp = importance[b, l, h]
-                    kth = np.sort(imp)[::-1][k_ - 1]
-                    mismatched += len(diff)
-                    unexplained += sum(1 for t in diff if abs(imp[t] - kth) > tie_tolerance)
+    mismatched, unexplained = selection_differences(details, tokens, tie_tolerance)
     return {
         "max_abs_diff": max_diff,
         "tokens_compared": int(b_ * l_ * h_ * k_),
@@ -246,6 +277,20 @@ def compare_kv_sets(details, key_states: np.ndarray, value_states: np.ndarray, t
         "unexplained_set_mismatches": int(unexplained),
         "duplicate_matches": int(duplicates),
         "tokens": tokens,
+    }
+
+
+def compare_token_indices(details, token_indices: np.ndarray, kv_tokens: np.ndarray, tie_tolerance: float) -> dict[str, Any]:
+    """Exported ``token_indices`` [B, L, H, k] against the PyTorch reference's selection, as sets
+    per (sample, layer, head) (top-k order may differ; a token in their symmetric difference must
+    be a near-tie with the k-th importance), and position by position against ``kv_tokens``, the
+    tokens the exported K/V rows were matched to (compare_kv_sets): index t must name the token
+    whose key and value are row t."""
+    mismatched, unexplained = selection_differences(details, token_indices, tie_tolerance)
+    return {
+        "set_mismatches": int(mismatched),
+        "unexplained_set_mismatches": int(unexplained),
+        "rows_not_matching_kv": int((token_indices != kv_tokens).sum()),
     }
 
 
@@ -259,8 +304,13 @@ def export_backbone(
     opset: int = DEFAULT_OPSET,
     parity_samples: int = 2,
     parity_seed: int = 1234,
+    explain: bool = True,
 ) -> dict[str, Any]:
-    """Write backbones/<name>/{backbone.onnx, manifest.json}; returns the manifest."""
+    """Write backbones/<name>/{backbone.onnx, manifest.json}; returns the manifest.
+
+    ``explain`` adds the output ``token_indices`` (int64 [B, L, H, k], the selected tokens'
+    indices, from which the daemon places saliency on the patch grid; explain.py), listed in
+    the manifest's ``explanation_outputs``."""
     check_name("backbone name", name)
     config = model.config
     kv_dtype = "float16" if fp16 else "float32"
@@ -269,15 +319,15 @@ def export_backbone(
         # weights and compute in float16; the resized position table is the float32 one rounded
         # once (.half() converts buffers too), never re-interpolated in float16
         export_model = export_model.half()
-    wrapper = BackboneForExport(export_model)
+    wrapper = BackboneForExport(export_model, explain=explain)
     example = torch.zeros(1, config.num_channels, config.image_size, config.image_size)
     shape = kv_shape(config)
-    data = to_onnx_bytes(
-        wrapper, (example,), ["pixel_values"], ["key_states", "value_states"], opset,
-        {"key_states": shape, "value_states": shape},
-    )
+    output_shapes = {"key_states": shape, "value_states": shape}
+    if explain:
+        output_shapes[TOKEN_INDICES] = token_indices_shape(config)
+    data = to_onnx_bytes(wrapper, (example,), ["pixel_values"], list(output_shapes), opset, output_shapes)
 
-    parity = backbone_parity(model, data, kv_dtype, parity_samples, parity_seed)
+    parity = backbone_parity(model, data, kv_dtype, parity_samples, parity_seed, explain)
 
     folder = Path(repository) / "backbones" / name
     folder.mkdir(parents=True, exist_ok=True)
@@ -297,6 +347,8 @@ def export_backbone(
             {"name": "key_states", "dtype": kv_dtype, "shape": shape},
             {"name": "value_states", "dtype": kv_dtype, "shape": shape},
         ],
+        **({"explanation_outputs": [{"name": TOKEN_INDICES, "dtype": "int64", "shape": token_indices_shape(config)}]}
+           if explain else {}),
         "opset": int(opset),
         "parity": parity,
         "provenance": {**versions(), "seed": seed},
@@ -305,16 +357,22 @@ def export_backbone(
     return manifest
 
 
-def backbone_parity(model: Backbone, data: bytes, kv_dtype: str, samples: int, seed: int) -> dict[str, Any]:
+def backbone_parity(
+    model: Backbone, data: bytes, kv_dtype: str, samples: int, seed: int, explain: bool = False
+) -> dict[str, Any]:
     c = model.config
     x = parity_inputs((samples, c.num_channels, c.image_size, c.image_size), seed)
     with torch.no_grad():
         details = model.run(x, details=True)
-    k_o, v_o = ort_session(data).run(["key_states", "value_states"], {"pixel_values": x.numpy()})
+    names = ["key_states", "value_states"] + ([TOKEN_INDICES] if explain else [])
+    k_o, v_o, *idx_o = ort_session(data).run(names, {"pixel_values": x.numpy()})
     expected = (samples, len(c.layers_used), c.num_heads, c.top_k, c.head_dim)
     if k_o.shape != expected or v_o.shape != expected or k_o.dtype != np_dtype(kv_dtype):
         raise ExportError(f"backbone.onnx gives K/V {k_o.shape} {k_o.dtype}, expected {expected} {kv_dtype}")
+    if explain and (idx_o[0].shape != expected[:-1] or idx_o[0].dtype != np.int64):
+        raise ExportError(f"backbone.onnx gives {TOKEN_INDICES} {idx_o[0].shape} {idx_o[0].dtype}, expected {expected[:-1]} int64")
     result = compare_kv_sets(details, k_o, v_o, TIE_TOLERANCE[kv_dtype])
+    indices = compare_token_indices(details, idx_o[0], result["tokens"], TIE_TOLERANCE[kv_dtype]) if explain else None
     parity = {
         "dtype": kv_dtype,
         "max_abs_diff": result["max_abs_diff"],
@@ -329,12 +387,18 @@ def backbone_parity(model: Backbone, data: bytes, kv_dtype: str, samples: int, s
         "tokens_compared": result["tokens_compared"],
         "tie_tolerance": TIE_TOLERANCE[kv_dtype],
     }
+    if indices is not None:
+        # token_indices as sets per (sample, layer, head) against PyTorch's selection, and
+        # position by position against the token each exported K/V row was matched to
+        parity[TOKEN_INDICES] = indices
     if kv_dtype == "float32":
         problems = []
         if result["max_abs_diff"] > FP32_TOLERANCE:
             problems.append(f"K/V max abs diff {result['max_abs_diff']:.3g} > {FP32_TOLERANCE}")
         if result["unexplained_set_mismatches"] or result["duplicate_matches"]:
             problems.append("selected token sets differ beyond ties: " + str({k: v for k, v in result.items() if k != "tokens"}))
+        if indices is not None and (indices["unexplained_set_mismatches"] or indices["rows_not_matching_kv"]):
+            problems.append(f"{TOKEN_INDICES} differ from the selected tokens: {indices}")
         if problems:
             raise ExportError("backbone parity check failed: " + "; ".join(problems))
     return parity
@@ -454,6 +518,7 @@ def export_adapter(
     parity_images: tuple[torch.Tensor, torch.Tensor] | None = None,
     provenance: dict[str, Any] | None = None,
     extra: dict[str, Any] | None = None,
+    explain: bool = True,
 ) -> dict[str, Any]:
     """Write tasks/<task>/<version>/{side.onnx, manifest.json}; returns the manifest.
 
@@ -467,7 +532,10 @@ def export_adapter(
     of <repository>/tasks/<task>/<version>; ``dicom`` is the task's DICOM pixel policy
     (default {"voi": "auto"}); ``parity_images`` = (backbone pixels, side pixels) checks
     parity on these (real, preprocessed) images in addition to ``parity_samples`` seeded ones;
-    ``provenance`` keys are added to the manifest's provenance and ``extra`` adds top-level keys."""
+    ``provenance`` keys are added to the manifest's provenance and ``extra`` adds top-level keys;
+    ``explain`` (default) adds the outputs ``token_relevance`` and ``patch_relevance`` after
+    ``logits`` (SideNetwork.explain), from which the daemon builds saliency maps (explain.py),
+    listed in the manifest's ``explanation_outputs``."""
     check_name("task name", task)
     check_name("version", str(version))
     version = str(version)
@@ -497,14 +565,17 @@ def export_adapter(
         torch.zeros(1, *shape[1:], dtype=torch_dtype(kv_dtype)),
         torch.zeros(1, *shape[1:], dtype=torch_dtype(kv_dtype)),
     )
+    output_shapes = {"logits": [-1, sconf.num_classes]}
+    if explain:
+        output_shapes.update(explain_shapes(bconf, sconf))
     data = to_onnx_bytes(
-        side, example, ["side_pixel_values", "key_states", "value_states"], ["logits"], opset,
-        {"logits": [-1, sconf.num_classes]},
+        SideNetworkForExplain(side) if explain else side, example, ["side_pixel_values", "key_states", "value_states"],
+        list(output_shapes), opset, output_shapes,
     )
     if backbone is not None:
-        parity = adapter_parity(backbone, side, bpath, data, kv_dtype, parity_samples, parity_seed)
+        parity = adapter_parity(backbone, side, bpath, data, kv_dtype, parity_samples, parity_seed, explain)
     else:
-        parity = adapter_parity_served_kv(bconf, side, bpath, data, kv_dtype, parity_samples, parity_seed)
+        parity = adapter_parity_served_kv(bconf, side, bpath, data, kv_dtype, parity_samples, parity_seed, explain)
     if parity_images is not None:
         parity["images"] = adapter_parity_on_images(side, bpath, data, kv_dtype, *parity_images)
 
@@ -535,7 +606,9 @@ def export_adapter(
             {"name": "key_states", "dtype": kv_dtype, "shape": shape},
             {"name": "value_states", "dtype": kv_dtype, "shape": shape},
         ],
-        "outputs": [{"name": "logits", "dtype": "float32", "shape": [-1, sconf.num_classes]}],
+        "outputs": [{"name": "logits", "dtype": "float32", "shape": output_shapes["logits"]}],
+        **({"explanation_outputs": [{"name": name, "dtype": "float32", "shape": output_shapes[name]}
+                                    for name in EXPLAIN_OUTPUTS]} if explain else {}),
         "opset": int(opset),
         "parity": parity,
         "provenance": {
@@ -554,8 +627,31 @@ def export_adapter(
     return manifest
 
 
+def explain_parity(side: SideNetwork, session, side_pixels: torch.Tensor, keys: np.ndarray, values: np.ndarray) -> dict[str, Any]:
+    """side.onnx's explanation outputs against SideNetwork.explain on the same inputs (K/V as
+    float32). Relevances are sums of products like the logits, so they are held to the logits'
+    float32 tolerance, relative to their magnitude where it exceeds 1."""
+    feeds = {"side_pixel_values": side_pixels.numpy(), "key_states": keys, "value_states": values}
+    got = session.run(list(EXPLAIN_OUTPUTS), feeds)
+    with torch.no_grad():
+        _, *want = side.explain(side_pixels, torch.from_numpy(keys).float(), torch.from_numpy(values).float())
+    result: dict[str, Any] = {}
+    problems = []
+    for name, out, ref in zip(EXPLAIN_OUTPUTS, got, want):
+        ref = ref.numpy()
+        diff = float(np.abs(out - ref).max())
+        bound = FP32_TOLERANCE * max(1.0, float(np.abs(ref).max()))
+        result[f"{name}_max_abs_diff"] = diff
+        if out.shape != ref.shape or diff > bound:
+            problems.append(f"{name} {out.shape} max abs diff {diff:.3g} > {bound:.3g} (PyTorch {ref.shape})")
+    if problems:
+        raise ExportError("adapter parity check failed: " + "; ".join(problems))
+    return result
+
+
 def adapter_parity(
-    backbone: Backbone, side: SideNetwork, backbone_path: Path, data: bytes, kv_dtype: str, samples: int, seed: int
+    backbone: Backbone, side: SideNetwork, backbone_path: Path, data: bytes, kv_dtype: str, samples: int, seed: int,
+    explain: bool = False,
 ) -> dict[str, Any]:
     b, s = backbone.config, side.config
     gen = torch.Generator().manual_seed(int(seed))
@@ -603,6 +699,12 @@ def adapter_parity(
             "tie_swaps": sets["set_mismatches"] // 2,
         },
     }
+    if explain:
+        parity["explain"] = {
+            **explain_parity(side, side_sess, y, kq.numpy(), vq.numpy()),
+            "method": "token_relevance and patch_relevance of side.onnx vs SideNetwork.explain, on the side-alone "
+                      f"inputs above (identical {kv_dtype} K/V); bound {FP32_TOLERANCE} x max(1, max |reference|)",
+        }
     problems = []
     if side_diff > FP32_TOLERANCE:
         problems.append(f"side logits max abs diff {side_diff:.3g} > {FP32_TOLERANCE}")
@@ -617,7 +719,8 @@ def adapter_parity(
 
 
 def adapter_parity_served_kv(
-    bconf: BackboneConfig, side: SideNetwork, backbone_path: Path, data: bytes, kv_dtype: str, samples: int, seed: int
+    bconf: BackboneConfig, side: SideNetwork, backbone_path: Path, data: bytes, kv_dtype: str, samples: int, seed: int,
+    explain: bool = False,
 ) -> dict[str, Any]:
     """Parity without a PyTorch backbone: K/V from backbone.onnx (the served artifact) on seeded
     inputs go to side.onnx and to the PyTorch side network (as float32)."""
@@ -628,7 +731,8 @@ def adapter_parity_served_kv(
     k_o, v_o = ort_session(backbone_path).run(["key_states", "value_states"], {"pixel_values": x.numpy()})
     with torch.no_grad():
         reference = side(y, torch.from_numpy(k_o).float(), torch.from_numpy(v_o).float()).numpy()
-    (out,) = ort_session(data).run(["logits"], {"side_pixel_values": y.numpy(), "key_states": k_o, "value_states": v_o})
+    session = ort_session(data)
+    (out,) = session.run(["logits"], {"side_pixel_values": y.numpy(), "key_states": k_o, "value_states": v_o})
     diff = float(np.abs(out - reference).max())
     parity = {
         "dtype": "float32",
@@ -641,6 +745,12 @@ def adapter_parity_served_kv(
         ),
         "end_to_end": {"kv_dtype": kv_dtype, "max_abs_diff": diff, "reference": "pytorch side network on backbone.onnx K/V"},
     }
+    if explain:
+        parity["explain"] = {
+            **explain_parity(side, session, y, k_o, v_o),
+            "method": "token_relevance and patch_relevance of side.onnx vs SideNetwork.explain, on the inputs above; "
+                      f"bound {FP32_TOLERANCE} x max(1, max |reference|)",
+        }
     if diff > FP32_TOLERANCE:
         raise ExportError(f"adapter parity check failed: side logits max abs diff {diff:.3g} > {FP32_TOLERANCE}")
     return parity

@@ -248,7 +248,9 @@ class Backbone(nn.Module):
         gather_index = indices.unsqueeze(-1).expand(-1, -1, -1, k.shape[-1])
         return torch.gather(k, 2, gather_index), torch.gather(v, 2, gather_index), indices, importance
 
-    def run(self, pixel_values: torch.Tensor, details: bool = False):
+    def run(self, pixel_values: torch.Tensor, details: bool = False, token_indices: bool = False):
+        """K/V of the selected tokens; with ``token_indices`` also their indices [B, L, H, k];
+        with ``details`` a :class:`BackboneDetails` instead."""
         c = self.config
         hidden = self.embeddings(pixel_values)
         keys, values, extra = [], [], {"indices": [], "importance": [], "k": [], "v": [], "hidden": []}
@@ -260,8 +262,8 @@ class Backbone(nn.Module):
                 sk, sv, idx, imp = self.select(probs, k, v, c.top_k)
                 keys.append(sk)
                 values.append(sv)
+                extra["indices"].append(idx)
                 if details:
-                    extra["indices"].append(idx)
                     extra["importance"].append(imp)
                     extra["k"].append(k)
                     extra["v"].append(v)
@@ -273,6 +275,8 @@ class Backbone(nn.Module):
         key_states = torch.stack(keys, dim=1)
         value_states = torch.stack(values, dim=1)
         if not details:
+            if token_indices:
+                return key_states, value_states, torch.stack(extra["indices"], dim=1)
             return key_states, value_states
         return BackboneDetails(
             key_states=key_states,
@@ -289,15 +293,18 @@ class Backbone(nn.Module):
 
 
 class BackboneForExport(nn.Module):
-    """Wraps a backbone for export: f32 pixels in, K/V out in the backbone's dtype."""
+    """Wraps a backbone for export: f32 pixels in, K/V out in the backbone's dtype, and with
+    ``explain`` the selected token indices (int64 [B, L, H, k]: 0 is CLS, n >= 1 is patch n - 1
+    of the row-major patch grid), from which a saliency map is built."""
 
-    def __init__(self, backbone: Backbone) -> None:
+    def __init__(self, backbone: Backbone, explain: bool = False) -> None:
         super().__init__()
         self.backbone = backbone
+        self.explain = explain
 
     def forward(self, pixel_values: torch.Tensor):
         dtype = self.backbone.embeddings.cls_token.dtype
-        return self.backbone.run(pixel_values.to(dtype))
+        return self.backbone.run(pixel_values.to(dtype), token_indices=self.explain)
 
 
 # --------------------------------------------------------------------------------------------
@@ -323,15 +330,24 @@ class FusionModule(nn.Module):
         self.out_proj = nn.Linear(backbone.hidden_size, side.hidden_size)
         self.dropout = nn.Dropout(0.5)
 
-    def forward(self, key_states: torch.Tensor, value_states: torch.Tensor) -> torch.Tensor:
-        # key_states / value_states: [B, L, H, k, d] -> fused prompts [B, L, P, side width]
+    def attend(self, key_states: torch.Tensor, value_states: torch.Tensor):
+        """The prompts' attention over the selected tokens.
+
+        key_states / value_states [B, L, H, k, d] -> (raw prompts [L, P, D], attention weights
+        [B, L, H, P, k], context [B, L, P, D] with head h in slot h*d:(h+1)*d)."""
         num_layers, _, num_prompts, dim = self.prompts.shape
         prompts = self.prompts.reshape(num_layers, num_prompts, dim)
         q = self.layer_norm(prompts).reshape(num_layers, num_prompts, self.num_heads, self.head_dim).transpose(1, 2)
         scores = torch.matmul(q.unsqueeze(0), key_states.transpose(-1, -2)) * self.scale  # [B, L, H, P, k]
-        context = torch.matmul(torch.softmax(scores, dim=-1), value_states)  # [B, L, H, P, d]
+        weights = torch.softmax(scores, dim=-1)
+        context = torch.matmul(weights, value_states)  # [B, L, H, P, d]
         b = context.shape[0]
         context = context.transpose(2, 3).reshape(b, num_layers, num_prompts, dim)
+        return prompts, weights, context
+
+    def forward(self, key_states: torch.Tensor, value_states: torch.Tensor) -> torch.Tensor:
+        # key_states / value_states: [B, L, H, k, d] -> fused prompts [B, L, P, side width]
+        prompts, _, context = self.attend(key_states, value_states)
         # Dropout(0.5) acts on the projected tokens (after out_proj), as in the authors' module;
         # it is the identity in eval mode, so exported graphs do not contain it.
         return self.dropout(self.out_proj(context + prompts.unsqueeze(0)))
@@ -374,6 +390,105 @@ class SideNetwork(nn.Module):
             hidden = layer(torch.cat([hidden, fused[:, i]], dim=1))[:, :-num_prompts]
         hidden = vit.layernorm(hidden)
         return self.side_encoder.classifier(hidden[:, 0])
+
+    def explain(self, side_pixel_values: torch.Tensor, key_states: torch.Tensor, value_states: torch.Tensor):
+        """Logits and their direct logit attribution to the backbone's selected tokens and to
+        the side network's own patches: (logits [B, C], token_relevance [B, C, L, H, k],
+        patch_relevance [B, C, g*g]); L = side layers (= backbone layers used), H = backbone
+        heads, k = selected tokens, g = side patch grid.
+
+        Every LayerNorm on the way is linearised at its actual statistics (its 1/sigma is held
+        fixed), so a vector d added to the CLS residual stream scores d . g_c for class c, with
+        g_c = Center(classifier.weight[c] * gamma_final) / sigma(CLS before the final LayerNorm).
+        In side layer i, token n adds sum_h probs[h, 0, n] W_o^h V[h, n] to the CLS attention
+        output (value bias included, output bias excluded):
+
+        * patch_relevance[c, p]: that score of side patch p (token 1 + p), summed over the layers;
+        * token_relevance[c, i, hb, t]: the score of prompt j's (token 1 + g*g + j) part that
+          backbone head hb's selected token t brought, a[hb, j, t] W_p^hb V_bb[i, hb, t] (the
+          out_proj image of its attention-weighted value; out_proj bias and the raw prompt are
+          left out), taken through layer i's first LayerNorm linearised at the fused prompt,
+          summed over the prompts j.
+
+        Only direct paths count: what a token adds to the CLS token's attention output in one
+        layer, carried by the residual stream to the classifier; what later layers' attention
+        and MLPs make of it is not followed."""
+        dtype = self.fusion_module.prompts.dtype
+        key_states, value_states = key_states.to(dtype), value_states.to(dtype)
+        fusion = self.fusion_module
+        prompts, weights, context = fusion.attend(key_states, value_states)
+        fused = fusion.dropout(fusion.out_proj(context + prompts.unsqueeze(0)))  # [B, L, P, D]
+        vit = self.side_encoder.vit
+        hidden = vit.embeddings(side_pixel_values)
+        num_patches = hidden.shape[1] - 1
+        num_prompts = fused.shape[2]
+        cls_probs, values = [], []
+        for i, layer in enumerate(vit.encoder.layer):
+            x = torch.cat([hidden, fused[:, i]], dim=1)
+            probs, _, v = layer.attention_probs(x)
+            hidden = layer.finish(x, probs, v)[:, :-num_prompts]
+            cls_probs.append(probs[:, :, 0])  # [B, hs, N]: the CLS query's attention
+            values.append(v)  # [B, hs, N, ds]
+        final = vit.layernorm
+        classifier = self.side_encoder.classifier
+        logits = classifier(final(hidden)[:, 0])
+
+        # g_c: the final LayerNorm and the classifier, linearised at the CLS token's statistics
+        z = hidden[:, 0]
+        sigma = torch.sqrt(layer_variance(z) + final.eps)  # [B, 1]
+        w = classifier.weight * final.weight  # [C, D]
+        direction = (w - w.mean(dim=-1, keepdim=True)).unsqueeze(0) / sigma.unsqueeze(-1)  # [B, C, D]
+
+        b, num_classes, width = direction.shape
+        bb_heads, bb_dim = fusion.num_heads, fusion.head_dim
+        patch_relevance, prompt_directions = [], []
+        for i, layer in enumerate(vit.encoder.layer):
+            sa = layer.attention.attention
+            w_o = layer.attention.output.dense.weight  # [D, D]
+            p = cls_probs[i]
+            # each token's share of the CLS attention output: [B, N, D], and its score [B, C, N]
+            share = torch.matmul(SelfAttention.merge_heads(p.unsqueeze(-1) * values[i]), w_o.t())
+            scores = torch.matmul(direction, share.transpose(1, 2))
+            patch_relevance.append(scores[:, :, 1 : 1 + num_patches])
+
+            # q[c, j] = Center(gamma1 / sigma_j * sum_h p[h, j] (W_v^h)^T (W_o^h)^T g_c): the
+            # score of u added to prompt j's input is q . u
+            back = torch.matmul(direction, w_o).reshape(b, num_classes, 1, sa.num_heads, sa.head_dim)
+            p_prompts = p[:, :, 1 + num_patches :].transpose(1, 2).unsqueeze(1).unsqueeze(-1)  # [B, 1, P, hs, 1]
+            q = torch.matmul((back * p_prompts).reshape(b, num_classes, num_prompts, width), sa.value.weight)
+            ln = layer.layernorm_before
+            sigma_j = torch.sqrt(layer_variance(fused[:, i]) + ln.eps)  # [B, P, 1]
+            q = q * (ln.weight / sigma_j).unsqueeze(1)
+            q = q - q.mean(dim=-1, keepdim=True)  # [B, C, P, D]
+            prompt_directions.append(q)
+
+        # all layers at once: r[i, c, j, hb] = (W_p^hb)^T q[i, c, j], by backbone head [B, L, H, C*P, d]
+        q = torch.stack(prompt_directions, dim=1)  # [B, L, C, P, D]
+        num_layers = q.shape[1]
+        r = torch.matmul(q, fusion.out_proj.weight)  # [B, L, C, P, H*d]
+        r = r.reshape(b, num_layers, num_classes * num_prompts, bb_heads, bb_dim).transpose(2, 3)
+        # token t of head hb in layer i: sum_j a[i, hb, j, t] (V_bb[i, hb, t] . r[i, c, j, hb])
+        dots = torch.matmul(r, value_states.transpose(-1, -2))  # [B, L, H, C*P, k]
+        dots = dots.reshape(b, num_layers, bb_heads, num_classes, num_prompts, -1)
+        token_relevance = (weights.unsqueeze(3) * dots).sum(dim=-2)  # [B, L, H, C, k]
+        return logits, token_relevance.permute(0, 3, 1, 2, 4), torch.stack(patch_relevance).sum(dim=0)
+
+
+def layer_variance(x: torch.Tensor) -> torch.Tensor:
+    """Biased variance over the last axis (as LayerNorm computes it), keeping that axis."""
+    centred = x - x.mean(dim=-1, keepdim=True)
+    return (centred * centred).mean(dim=-1, keepdim=True)
+
+
+class SideNetworkForExplain(nn.Module):
+    """Wraps a side network for export with its explanation outputs (:meth:`SideNetwork.explain`)."""
+
+    def __init__(self, side: SideNetwork) -> None:
+        super().__init__()
+        self.side = side
+
+    def forward(self, side_pixel_values: torch.Tensor, key_states: torch.Tensor, value_states: torch.Tensor):
+        return self.side.explain(side_pixel_values, key_states, value_states)
 
 
 class FPTPlus(nn.Module):

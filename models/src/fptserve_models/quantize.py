@@ -12,7 +12,8 @@ It needs no calibration: the images only feed the fidelity report. The rest of t
 about INT8.
 
 writes ``REPO/backbones/<name>/{backbone.onnx, manifest.json}``: the same interface as the fp32
-backbone (float32 pixels in, float32 K/V out, same shapes), its Linear layers computed in INT8 by
+backbone (float32 pixels in, float32 K/V out, same shapes, and its ``token_indices`` output for
+saliency maps where it has one), its Linear layers computed in INT8 by
 ONNX Runtime, and a manifest that adds ``precision``, ``quantized_from`` (the fp32 backbone's name
 and SHA-256: the adapters trained on it are the ones the daemon may serve on this variant, when the
 operator allows it), ``quantization`` (what was done, what stayed float and why, the calibration
@@ -1102,6 +1103,11 @@ def quantize_backbone(
                            fuse_attention=fuse_attention, batch=calibration_batch(size, int(arch["patch_size"])), log=log)
     else:
         built = build_float16(fp32_model)
+    outputs = {o.name for o in built.model.graph.output}
+    listed = fp32_manifest["outputs"] + fp32_manifest.get("explanation_outputs", [])
+    missing = [o["name"] for o in listed if o["name"] not in outputs]
+    if missing:  # e.g. token_indices (saliency maps): the variant keeps the float32 backbone's interface
+        raise QuantizeError(f"the {precision} graph lost the output(s) {', '.join(missing)} of {backbone!r}")
     data = built.model.SerializeToString()
     fidelity = fidelity_report(fp32_model, built.model, [cal, ev], adapters,
                                {k: normalization[k] for k in ("mean", "std", "source")}, size,
@@ -1173,6 +1179,7 @@ def _write_variant(folder: Path, data: bytes, fp32_manifest: dict[str, Any], nam
         "architecture": fp32_manifest["architecture"],
         "inputs": fp32_manifest["inputs"],
         "outputs": fp32_manifest["outputs"],
+        **({"explanation_outputs": fp32_manifest["explanation_outputs"]} if "explanation_outputs" in fp32_manifest else {}),
         "opset": fp32_manifest.get("opset"),
         "precision": precision,
         "quantized_from": {"name": fp32_manifest["name"], "sha256": fp32_manifest["sha256"]},

@@ -124,6 +124,7 @@ class TrainOptions:
     progress: bool = True
     opset: int = 17
     threads: int | None = None  # PyTorch CPU threads (None: PyTorch's default)
+    explain: bool = True  # export the adapter's explanation outputs (token_relevance, patch_relevance)
 
 
 @dataclass
@@ -758,6 +759,7 @@ def _export(run: _Run, model: SideNetwork, bmanifest: dict[str, Any], bconfig: B
             "trained by fptserve-models train", None, seed=opts.seed, opset=opts.opset,
             backbone_dir=opts.backbone, folder=tmp, dicom=info["policy"], parity_images=parity_images,
             provenance={"training_data_sha256": dataset.digest, "backbone_sha256": bmanifest["sha256"]},
+            explain=opts.explain,
         )
         check = served_check(tmp, manifest, model, pixels, kv, val_idx, labels, mean, std, max(opts.batch_size, 1))
         run.times["export"] = time.monotonic() - t0
