@@ -28,6 +28,7 @@ pub fn run(args: ClassifyArgs) -> anyhow::Result<()> {
         tasks: args.tasks,
         frame: args.frame,
         pixel_policy: None,
+        explain: None,
     };
     let outcome = tokio::runtime::Builder::new_current_thread()
         .enable_all()

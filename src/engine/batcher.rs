@@ -21,7 +21,7 @@ use super::call::{Abandoned, Call};
 use super::stats::Stats;
 use crate::metrics;
 use crate::model::ModelError;
-use crate::model::adapter::Adapter;
+use crate::model::adapter::{Adapter, SideOutput};
 use crate::model::backbone::{Backbone, BoundFeatures, Features};
 
 /// How batches are formed.
@@ -73,6 +73,8 @@ pub struct SideWork {
     pub adapter: Arc<Adapter>,
     /// Its `[1, 3, h, w]` side input.
     pub pixels: Arc<Vec<f32>>,
+    /// Whether the call asks for its relevance (a saliency map).
+    pub explain: bool,
 }
 
 /// One image's backbone work.
@@ -93,8 +95,8 @@ pub struct Job {
 
 /// What a job produced.
 pub struct JobOutput {
-    /// Logits per side network, in the job's order.
-    pub logits: Vec<Result<Vec<f32>, ModelError>>,
+    /// Output per side network, in the job's order.
+    pub sides: Vec<Result<SideOutput, ModelError>>,
     /// Images in the backbone run that made the features (0: from the cache).
     pub batch_size: usize,
     /// Time in the queue.
@@ -283,7 +285,7 @@ impl Worker {
             .iter()
             .flat_map(|(job, f)| job.sides.iter().map(move |s| (s, f)))
             .collect();
-        let mut bound_logits = Vec::new();
+        let mut bound_outputs = Vec::new();
         match &computed {
             Some(Computed::Host(features)) => host_work.extend(
                 live.iter()
@@ -296,12 +298,12 @@ impl Worker {
                     .zip(&rows)
                     .flat_map(|(job, &row)| job.sides.iter().map(move |s| (s, row)))
                     .collect();
-                bound_logits = run_sides_bound(&work, kv);
+                bound_outputs = run_sides_bound(&work, kv);
             }
             None => {}
         }
-        let mut host_logits = run_sides(&host_work).into_iter();
-        let mut bound_logits = bound_logits.into_iter();
+        let mut host_outputs = run_sides(&host_work).into_iter();
+        let mut bound_outputs = bound_outputs.into_iter();
         drop(host_work);
         let adapters_ms = ms(t.elapsed());
         let batch_size = keys.len();
@@ -314,12 +316,12 @@ impl Worker {
             metrics::stage("queue", queue_ms);
             let mine: Vec<_> = match (&computed, batch_size) {
                 (Some(Computed::Bound(_)), 1..) => {
-                    bound_logits.by_ref().take(job.sides.len()).collect()
+                    bound_outputs.by_ref().take(job.sides.len()).collect()
                 }
-                _ => host_logits.by_ref().take(job.sides.len()).collect(),
+                _ => host_outputs.by_ref().take(job.sides.len()).collect(),
             };
             let _ = job.reply.send(Ok(JobOutput {
-                logits: mine,
+                sides: mine,
                 batch_size,
                 queue_ms,
                 backbone_ms: if batch_size > 0 { backbone_ms } else { 0.0 },
@@ -374,8 +376,8 @@ enum Computed {
 }
 
 /// Runs side networks, each adapter version once on all the images that asked for it;
-/// returns the logits in `work`'s order.
-pub fn run_sides(work: &[(&SideWork, &Arc<Features>)]) -> Vec<Result<Vec<f32>, ModelError>> {
+/// returns their outputs in `work`'s order.
+pub fn run_sides(work: &[(&SideWork, &Arc<Features>)]) -> Vec<Result<SideOutput, ModelError>> {
     per_adapter(
         work.len(),
         |i| &work[i].0.adapter,
@@ -384,7 +386,8 @@ pub fn run_sides(work: &[(&SideWork, &Arc<Features>)]) -> Vec<Result<Vec<f32>, M
                 .iter()
                 .map(|&j| (work[j].0.pixels.as_slice(), work[j].1.as_ref()))
                 .collect();
-            adapter.run_batch(&inputs)
+            let explain: Vec<bool> = group.iter().map(|&j| work[j].0.explain).collect();
+            adapter.run_batch(&inputs, &explain)
         },
     )
 }
@@ -394,32 +397,34 @@ pub fn run_sides(work: &[(&SideWork, &Arc<Features>)]) -> Vec<Result<Vec<f32>, M
 pub fn run_sides_bound(
     work: &[(&SideWork, usize)],
     kv: &BoundFeatures,
-) -> Vec<Result<Vec<f32>, ModelError>> {
+) -> Vec<Result<SideOutput, ModelError>> {
     per_adapter(
         work.len(),
         |i| &work[i].0.adapter,
         |adapter, group| {
             let per_image = work[group[0]].0.pixels.len();
             let mut pixels = vec![0.0f32; per_image * kv.images()];
+            let mut explain = vec![false; kv.images()];
             for &j in group {
                 let (side, row) = work[j];
                 pixels[row * per_image..(row + 1) * per_image].copy_from_slice(&side.pixels);
+                explain[row] |= side.explain;
             }
-            let rows = adapter.run_bound(pixels, kv)?;
+            let rows = adapter.run_bound(pixels, kv, &explain)?;
             Ok(group.iter().map(|&j| rows[work[j].1].clone()).collect())
         },
     )
 }
 
 /// Groups `n` side-network items by adapter version, runs each group once (`run` returns
-/// one logits vector per member, in order) and puts the results back in item order; a
-/// failed run fails its group's items, naming the adapter.
+/// one output per member, in order) and puts the results back in item order; a failed run
+/// fails its group's items, naming the adapter.
 fn per_adapter<'a>(
     n: usize,
     adapter_of: impl Fn(usize) -> &'a Arc<Adapter>,
-    mut run: impl FnMut(&Arc<Adapter>, &[usize]) -> Result<Vec<Vec<f32>>, ModelError>,
-) -> Vec<Result<Vec<f32>, ModelError>> {
-    let mut results: Vec<Option<Result<Vec<f32>, ModelError>>> = (0..n).map(|_| None).collect();
+    mut run: impl FnMut(&Arc<Adapter>, &[usize]) -> Result<Vec<SideOutput>, ModelError>,
+) -> Vec<Result<SideOutput, ModelError>> {
+    let mut results: Vec<Option<Result<SideOutput, ModelError>>> = (0..n).map(|_| None).collect();
     let mut done = vec![false; n];
     for i in 0..n {
         if done[i] {

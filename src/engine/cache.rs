@@ -130,6 +130,7 @@ mod tests {
             shape: [1, 1, 1, values, 1],
             key: KvData::F32(vec![fill; values]),
             value: KvData::F32(vec![fill; values]),
+            indices: None,
         })
     }
 

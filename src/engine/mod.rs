@@ -28,10 +28,11 @@ use self::stats::Stats;
 pub use self::stats::StatsSnapshot;
 use crate::decode::codec::MinSize;
 use crate::decode::{self, DecodeError, DicomIdentifiers, DicomPolicy, InputInfo, Limits};
+use crate::explain::{self, Explanation, Relevance, SaliencyMap};
 use crate::lifecycle::{Lifecycle, LoadError};
 use crate::metrics;
 use crate::model::ModelError;
-use crate::model::adapter::Adapter;
+use crate::model::adapter::{Adapter, SideOutput};
 use crate::model::backbone::{Backbone, Features};
 use crate::preprocess::{self, RgbImage};
 use crate::registry::{Registry, ResolveError, Snapshot};
@@ -103,6 +104,26 @@ pub struct Request {
     pub frame: u32,
     /// Replaces the tasks' DICOM pixel policy, where their manifests allow it.
     pub pixel_policy: Option<DicomPolicy>,
+    /// Saliency maps wanted, if any.
+    pub explain: Option<Explain>,
+}
+
+/// Which tasks of a call to explain, and how.
+#[derive(Clone, Debug, Default)]
+pub struct Explain {
+    /// Task references as the call names them (`name` or `name@version`); empty: all.
+    pub tasks: Vec<String>,
+    /// Explain this class instead of the most probable one (in the tasks that have it).
+    pub class_name: Option<String>,
+    /// Also the map drawn over the decoded picture (for a PNG or a Secondary Capture).
+    pub overlay: bool,
+}
+
+impl Explain {
+    /// Whether the call's task reference `task` (naming `adapter`) is to be explained.
+    fn wants(&self, task: &str, adapter: &Adapter) -> bool {
+        self.tasks.is_empty() || self.tasks.iter().any(|t| t == task || t == adapter.task())
+    }
 }
 
 /// Why a request failed; mapped to a gRPC status in `grpc::status`.
@@ -129,6 +150,9 @@ pub enum ClassifyError {
     /// The request's pixel policy is invalid or not allowed for a task.
     #[error("{0}")]
     PixelPolicy(String),
+    /// The explanation request names a task the call does not ask for.
+    #[error("{0}")]
+    Explain(String),
     /// Its work was dropped: deadline passed or cancelled.
     #[error(transparent)]
     Abandoned(#[from] Abandoned),
@@ -176,6 +200,12 @@ pub struct TaskOutcome {
     pub backbone_run: u32,
     /// Images in the backbone batch that computed its features (0: from the cache).
     pub backbone_batch_size: u32,
+    /// Its saliency map, or why it has none, when the call asked for one.
+    #[serde(skip)]
+    pub explanation: Option<Explanation>,
+    /// The map drawn over the decoded picture, when the call asked for it.
+    #[serde(skip)]
+    pub overlay: Option<Arc<image::RgbImage>>,
 }
 
 /// Wall time per stage, in milliseconds.
@@ -191,6 +221,8 @@ pub struct Timings {
     pub backbone_ms: f64,
     /// Side network runs.
     pub adapters_ms: f64,
+    /// Saliency maps and overlays.
+    pub explain_ms: f64,
     /// Everything.
     pub total_ms: f64,
 }
@@ -267,6 +299,10 @@ struct Prepared {
     passes: Vec<Pass>,
     /// Per requested task: its adapter, its pass, its place in the pass's sides.
     tasks: Vec<(Arc<Adapter>, usize, usize)>,
+    /// Per requested task: what its explanation needs, when the call asked for one.
+    explain: Vec<Option<TaskExplain>>,
+    /// The call's explanation request.
+    explain_request: Option<Explain>,
     input: InputInfo,
     dicom: Option<DicomIdentifiers>,
     timings: Timings,
@@ -274,8 +310,15 @@ struct Prepared {
 
 /// A pass's results.
 struct PassOutput {
-    logits: Vec<Result<Vec<f32>, ModelError>>,
+    sides: Vec<Result<SideOutput, ModelError>>,
     batch_size: usize,
+}
+
+/// One task's explanation in the making: the rendered picture its overlay goes on (when
+/// asked for), or why it cannot be explained.
+enum TaskExplain {
+    Ready(Option<Arc<RgbImage>>),
+    Unavailable(String),
 }
 
 /// Runs classification requests against the registry's current snapshot.
@@ -450,6 +493,16 @@ impl Engine {
             .iter()
             .map(|t| self.resolve(&snapshot, t))
             .collect::<Result<_, _>>()?;
+        if let Some(explain) = &request.explain {
+            for t in &explain.tasks {
+                let named = request.tasks.iter().zip(&adapters);
+                if !named.clone().any(|(r, a)| r == t || a.task() == t) {
+                    return Err(ClassifyError::Explain(format!(
+                        "explain.tasks names {t:?}, which is not one of the call's tasks"
+                    )));
+                }
+            }
+        }
         let policies: Vec<DicomPolicy> = adapters
             .iter()
             .map(|a| Self::pixel_policy(a, request.pixel_policy.as_ref()))
@@ -477,7 +530,11 @@ impl Engine {
         let mut passes: Vec<Pass> = Vec::new();
         let mut side_inputs: Vec<(SideKey, Arc<Vec<f32>>)> = Vec::new();
         let mut tasks = Vec::with_capacity(adapters.len());
-        for (adapter, policy) in adapters.into_iter().zip(&policies) {
+        let mut explain = Vec::with_capacity(adapters.len());
+        let mut pictures: Vec<(usize, Arc<RgbImage>)> = Vec::new();
+        for ((adapter, policy), reference) in
+            adapters.into_iter().zip(&policies).zip(&request.tasks)
+        {
             let pre = &adapter.manifest().preprocessing;
             let norm = adapter.normalization();
             let image_index = match rendered.iter().position(|(p, _)| p == policy) {
@@ -531,13 +588,35 @@ impl Engine {
                     pixels
                 }
             };
+            let wanted = request
+                .explain
+                .as_ref()
+                .filter(|e| e.wants(reference, &adapter));
+            let task_explain = wanted.map(|e| match adapter.explains() {
+                Err(reason) => TaskExplain::Unavailable(reason.to_string()),
+                Ok(_) if !e.overlay => TaskExplain::Ready(None),
+                Ok(_) => {
+                    let picture = match pictures.iter().find(|(i, _)| *i == image_index) {
+                        Some((_, p)) => p.clone(),
+                        None => {
+                            let p = Arc::new(image.as_ref().clone());
+                            pictures.push((image_index, p.clone()));
+                            p
+                        }
+                    };
+                    TaskExplain::Ready(Some(picture))
+                }
+            });
             let sides = &mut passes[pass].sides;
             sides.push(SideWork {
                 adapter: adapter.clone(),
                 pixels: side_pixels,
+                explain: matches!(task_explain, Some(TaskExplain::Ready(_))),
             });
             tasks.push((adapter, pass, sides.len() - 1));
+            explain.push(task_explain);
         }
+        drop(pictures);
         drop(rendered);
         drop(preprocessing);
         timings.preprocess_ms = ms(t);
@@ -545,6 +624,8 @@ impl Engine {
         Ok(Prepared {
             passes,
             tasks,
+            explain,
+            explain_request: request.explain,
             input: decoded.info,
             dicom: decoded.dicom,
             timings,
@@ -562,6 +643,8 @@ impl Engine {
         let Prepared {
             mut passes,
             tasks,
+            explain,
+            explain_request,
             input,
             dicom,
             mut timings,
@@ -602,10 +685,10 @@ impl Engine {
                     .iter()
                     .flat_map(|(_, sides, f)| sides.iter().map(move |s| (s, f)))
                     .collect();
-                let mut logits = batcher::run_sides(&work).into_iter();
+                let mut outputs = batcher::run_sides(&work).into_iter();
                 cached
                     .iter()
-                    .map(|(i, sides, _)| (*i, logits.by_ref().take(sides.len()).collect()))
+                    .map(|(i, sides, _)| (*i, outputs.by_ref().take(sides.len()).collect()))
                     .collect::<Vec<(usize, Vec<_>)>>()
             })
             .await
@@ -614,9 +697,9 @@ impl Engine {
                 message: format!("side network task failed: {e}"),
             })?;
             timings.adapters_ms += ms(t);
-            for (i, logits) in results {
+            for (i, sides) in results {
                 outputs[i] = Some(PassOutput {
-                    logits,
+                    sides,
                     batch_size: 0,
                 });
             }
@@ -636,7 +719,7 @@ impl Engine {
             timings.backbone_ms += output.backbone_ms;
             timings.adapters_ms += output.adapters_ms;
             outputs[i] = Some(PassOutput {
-                logits: output.logits,
+                sides: output.sides,
                 batch_size: output.batch_size,
             });
         }
@@ -646,15 +729,25 @@ impl Engine {
             .map(|o| o.expect("every pass answered"))
             .collect();
         let mut results = Vec::with_capacity(tasks.len());
-        for (adapter, pass, side) in &tasks {
-            let logits = std::mem::replace(&mut outputs[*pass].logits[*side], Ok(Vec::new()))?;
+        let class_name = explain_request
+            .as_ref()
+            .and_then(|e| e.class_name.as_deref());
+        for ((adapter, pass, side), explain) in tasks.iter().zip(explain) {
+            let output =
+                std::mem::replace(&mut outputs[*pass].sides[*side], Ok(SideOutput::default()))?;
             adapter.record_use();
-            results.push(task_outcome(
+            let mut outcome = task_outcome(
                 adapter,
-                logits,
+                output.logits,
                 *pass as u32,
                 outputs[*pass].batch_size as u32,
-            ));
+            );
+            if let Some(explain) = explain {
+                let t = Instant::now();
+                explain_task(&mut outcome, adapter, output.relevance, explain, class_name);
+                timings.explain_ms += ms(t);
+            }
+            results.push(outcome);
         }
         timings.total_ms = ms(start);
         metrics::stage("total", timings.total_ms);
@@ -699,6 +792,51 @@ fn task_outcome(adapter: &Adapter, logits: Vec<f32>, run: u32, batch_size: u32) 
         label,
         backbone_run: run,
         backbone_batch_size: batch_size,
+        explanation: None,
+        overlay: None,
+    }
+}
+
+/// Puts a task's saliency map (and overlay) on its outcome, or the reason it has none.
+fn explain_task(
+    outcome: &mut TaskOutcome,
+    adapter: &Adapter,
+    relevance: Option<Relevance>,
+    explain: TaskExplain,
+    class_name: Option<&str>,
+) {
+    let picture = match explain {
+        TaskExplain::Unavailable(reason) => {
+            outcome.explanation = Some(Explanation::Unavailable(reason));
+            return;
+        }
+        TaskExplain::Ready(picture) => picture,
+    };
+    let probabilities: Vec<f32> = outcome.scores.iter().map(|s| s.probability).collect();
+    let made = (|| {
+        let shape = adapter.explains()?;
+        let relevance = relevance.ok_or("the side network gave no relevance for this image")?;
+        let class = explain::class_to_explain(adapter.classes(), &probabilities, class_name)
+            .map_err(|e| e.to_string())?;
+        let [h, w] = adapter.backbone().input_size();
+        let patch = adapter.backbone().manifest().architecture.patch_size as usize;
+        let grid = [h / patch.max(1), w / patch.max(1)];
+        Ok::<_, String>(SaliencyMap {
+            rows: grid[0],
+            columns: grid[1],
+            values: explain::saliency_map(&relevance, shape, class, grid),
+            class_index: class,
+            class_name: adapter.classes()[class].clone(),
+        })
+    })();
+    match made {
+        Ok(map) => {
+            if let Some(picture) = picture {
+                outcome.overlay = Some(Arc::new(explain::overlay(&picture, &map)));
+            }
+            outcome.explanation = Some(Explanation::Map(map));
+        }
+        Err(reason) => outcome.explanation = Some(Explanation::Unavailable(reason)),
     }
 }
 

@@ -8,10 +8,13 @@ use tracing::Instrument;
 
 use super::calls::{self, Serving};
 use crate::decode::DicomPolicy;
+use crate::dicom_instance;
 use crate::engine::{self, ClassifyError, Outcome, Payload};
+use crate::explain::{self, Explanation};
 use crate::metrics;
 use crate::proto::v1 as pb;
 use crate::proto::v1::classifier_server::Classifier;
+use crate::secondary_capture;
 use crate::structured_report;
 
 /// The Classifier service.
@@ -47,6 +50,7 @@ fn to_proto(outcome: Outcome, request_id: String) -> pb::ClassifyResponse {
                 backbone: r.backbone,
                 backbone_run: r.backbone_run,
                 backbone_batch_size: r.backbone_batch_size,
+                saliency: r.explanation.map(saliency),
             })
             .collect(),
         dicom: outcome.dicom.map(|d| pb::DicomIdentifiers {
@@ -82,6 +86,90 @@ fn to_proto(outcome: Outcome, request_id: String) -> pb::ClassifyResponse {
     }
 }
 
+fn saliency(explanation: Explanation) -> pb::Saliency {
+    match explanation {
+        Explanation::Map(map) => pb::Saliency {
+            rows: map.rows as u32,
+            columns: map.columns as u32,
+            values: map.values,
+            class_name: map.class_name,
+            class_index: map.class_index as u32,
+            ..Default::default()
+        },
+        Explanation::Unavailable(reason) => pb::Saliency {
+            unavailable: reason,
+            ..Default::default()
+        },
+    }
+}
+
+/// The engine's explanation request from the call's.
+fn explain_request(explain: pb::Explain) -> engine::Explain {
+    engine::Explain {
+        tasks: explain.tasks,
+        class_name: Some(explain.class_name).filter(|c| !c.is_empty()),
+        overlay: explain.overlay || explain.secondary_capture,
+    }
+}
+
+/// What a call asked to be made of its results besides the answer itself.
+struct Made {
+    /// The classified DICOM instance's header, when a report or capture is asked for.
+    source: Option<dicom_object::InMemDicomObject>,
+    structured_report: bool,
+    captures: bool,
+    pngs: bool,
+    /// The caller's request id (with frame and tasks), for repeatable DICOM UIDs.
+    identity: Option<String>,
+}
+
+/// The files made of a call's results.
+#[derive(Default)]
+struct Outputs {
+    /// The Structured Report (empty unless asked for).
+    report: Vec<u8>,
+    /// Per result, its saliency Secondary Capture.
+    captures: Vec<Option<Vec<u8>>>,
+    /// Per result, its overlay as a PNG.
+    pngs: Vec<Option<Vec<u8>>>,
+}
+
+impl Made {
+    /// Blocking: encodes overlays and writes DICOM.
+    fn build(self, outcome: &Outcome) -> Result<Outputs, Status> {
+        let mut out = Outputs::default();
+        if self.pngs {
+            for r in &outcome.results {
+                out.pngs.push(match &r.overlay {
+                    Some(overlay) => Some(explain::png(overlay).map_err(Status::internal)?),
+                    None => None,
+                });
+            }
+        }
+        let Some(source) = &self.source else {
+            return Ok(out);
+        };
+        let now = dicom_instance::now();
+        let identity = self.identity.as_deref();
+        let mut referenced = Vec::new();
+        for (i, result) in outcome.results.iter().enumerate() {
+            let capture = if self.captures {
+                secondary_capture::build(source, result, i, &now, identity)?
+            } else {
+                None
+            };
+            let (bytes, capture) = capture.unzip();
+            out.captures.push(bytes);
+            referenced.push(capture);
+        }
+        if self.structured_report {
+            out.report =
+                structured_report::build(source, &outcome.results, &referenced, now, identity)?;
+        }
+        Ok(out)
+    }
+}
+
 #[tonic::async_trait]
 impl Classifier for ClassifierService {
     async fn classify(
@@ -98,13 +186,18 @@ impl Classifier for ClassifierService {
             let slot = self.serving.admit(1)?.pop().expect("one permit");
             // the report needs the source's header: parsed first, so a file that cannot
             // have one fails before any model runs
-            let source = match (&request.input, request.structured_report) {
+            let explain = request.explain.clone().unwrap_or_default();
+            let source = match (
+                &request.input,
+                request.structured_report || explain.secondary_capture,
+            ) {
                 (Some(pb::classify_request::Input::Dicom(b)), true) => {
                     Some(crate::decode::dicom::parse_header(b).map_err(ClassifyError::from)?)
                 }
                 (_, true) => {
                     return Err(Status::invalid_argument(
-                        "structured_report needs a DICOM input (the report joins its patient and study)",
+                        "structured_report and explain.secondary_capture need a DICOM input \
+                         (they join its patient and study)",
                     ));
                 }
                 (_, false) => None,
@@ -140,35 +233,50 @@ impl Classifier for ClassifierService {
                 tasks: request.tasks,
                 frame: request.frame,
                 pixel_policy,
+                explain: request.explain.map(explain_request),
             };
             let outcome = calls::classify(engine, engine_request, deadline, slot).await?;
-            let report = match source {
-                Some(source) => Some(
-                    structured_report::build(
-                        &source,
-                        &outcome.results,
-                        structured_report::now(),
-                        identity.as_deref(),
-                    )
-                    .map_err(Status::from)?,
-                ),
-                None => None,
+            // DICOM instances and PNGs: seconds for large frames, off the executor
+            let made = Made {
+                source,
+                structured_report: request.structured_report,
+                captures: explain.secondary_capture,
+                pngs: explain.overlay,
+                identity,
             };
+            let (outcome, instances) = tokio::task::spawn_blocking(move || {
+                let instances = made.build(&outcome)?;
+                Ok::<_, Status>((outcome, instances))
+            })
+            .await
+            .map_err(|e| Status::internal(format!("building the call's outputs failed: {e}")))??;
             tracing::info!(
                 tasks = outcome.results.len(),
                 backbone_runs = outcome.backbone_runs,
                 total_ms = outcome.timings.total_ms,
                 "classified"
             );
-            Ok::<_, Status>((outcome, report))
+            Ok::<_, Status>((outcome, instances))
         }
         .instrument(span.clone())
         .await;
         match result {
-            Ok((outcome, report)) => {
+            Ok((outcome, instances)) => {
                 calls::count(&self.serving, "Classify", &tasks, tonic::Code::Ok);
                 let mut response = to_proto(outcome, request_id);
-                response.structured_report = report.unwrap_or_default();
+                response.structured_report = instances.report;
+                let pngs = instances.pngs.into_iter().chain(std::iter::repeat(None));
+                let captures = instances
+                    .captures
+                    .into_iter()
+                    .chain(std::iter::repeat(None));
+                for ((result, png), capture) in response.results.iter_mut().zip(pngs).zip(captures)
+                {
+                    if let Some(saliency) = &mut result.saliency {
+                        saliency.overlay_png = png.unwrap_or_default();
+                        saliency.secondary_capture = capture.unwrap_or_default();
+                    }
+                }
                 Ok(Response::new(response))
             }
             Err(status) => {

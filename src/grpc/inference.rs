@@ -309,6 +309,7 @@ impl GrpcInferenceService for InferenceService {
                     tasks: vec![reference.clone()],
                     frame: 0,
                     pixel_policy: None,
+                    explain: None,
                 };
                 running.spawn(
                     async move {

@@ -6,11 +6,11 @@
 use tonic::{Code, Status};
 
 use crate::decode::DecodeError;
+use crate::dicom_instance::InstanceError;
 use crate::engine::{Abandoned, ClassifyError};
 use crate::lifecycle::LoadError;
 use crate::model::ModelError;
 use crate::registry::{ChangeError, ResolveError};
-use crate::structured_report::ReportError;
 
 /// A request body that is not a valid protobuf message of the method's type: the caller's
 /// error. (tonic's own codec answers INTERNAL.)
@@ -71,7 +71,8 @@ fn classify_code(e: &ClassifyError) -> Code {
         ClassifyError::NoTasks
         | ClassifyError::TooManyTasks(_)
         | ClassifyError::NoInput
-        | ClassifyError::PixelPolicy(_) => Code::InvalidArgument,
+        | ClassifyError::PixelPolicy(_)
+        | ClassifyError::Explain(_) => Code::InvalidArgument,
         ClassifyError::Resolve(r) => resolve_code(r),
         ClassifyError::Decode(d) => decode_code(d),
         ClassifyError::Reload { source, .. } => load_code(source),
@@ -116,10 +117,10 @@ status_from! {
     ResolveError => resolve_code,
     ClassifyError => classify_code,
     LoadError => load_code,
-    ReportError => |e| match e {
-        ReportError::MissingSource(_) => Code::InvalidArgument,
+    InstanceError => |e| match e {
+        InstanceError::MissingSource { .. } => Code::InvalidArgument,
         // a bug, not bad input
-        ReportError::Write(_) => Code::Internal,
+        InstanceError::Write { .. } => Code::Internal,
     },
 }
 

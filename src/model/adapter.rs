@@ -10,6 +10,7 @@ use ort::value::{Tensor, TensorRef};
 
 use super::backbone::{Backbone, BoundFeatures, Features, KvData, Standing};
 use super::{Model, ModelError, host_memory};
+use crate::explain::{PATCH_RELEVANCE, Relevance, RelevanceShape, TOKEN_RELEVANCE};
 use crate::preprocess::Normalization;
 use crate::repository::manifest::{AdapterManifest, short};
 use crate::runtime::{Memory, Runtime};
@@ -25,6 +26,8 @@ pub struct Adapter {
     load_ms: f64,
     served: AtomicU64,
     last_used_unix_ms: AtomicI64,
+    /// Its explanation outputs' shapes, or why it cannot explain its answers.
+    explains: Result<RelevanceShape, String>,
     /// Declared last, so it drops after the session: gives the freed memory back.
     _release: ReleaseMemory,
 }
@@ -154,9 +157,14 @@ impl Adapter {
             &manifest.file,
             &manifest.sha256,
             &manifest.inputs,
-            &manifest.outputs,
+            &[
+                manifest.outputs.clone(),
+                manifest.explanation_outputs.clone(),
+            ]
+            .concat(),
             Memory::Shared,
         )?;
+        let explains = explanation_support(&manifest, &backbone);
         let model_bytes = std::fs::metadata(dir.join(&manifest.file)).map_or(0, |m| m.len());
         crate::metrics::adapter_loaded(started.elapsed().as_secs_f64());
         Ok(Adapter {
@@ -169,8 +177,15 @@ impl Adapter {
             load_ms: started.elapsed().as_secs_f64() * 1e3,
             served: AtomicU64::new(0),
             last_used_unix_ms: AtomicI64::new(0),
+            explains,
             _release: ReleaseMemory,
         })
+    }
+
+    /// The shapes of its explanation outputs, or why it cannot explain (exported without
+    /// them, or its backbone without token positions).
+    pub fn explains(&self) -> Result<&RelevanceShape, &str> {
+        self.explains.as_ref().map_err(String::as_str)
     }
 
     /// Runs it once on `features` (from a backbone warm-up), so that the first request
@@ -178,7 +193,7 @@ impl Adapter {
     pub fn warm(mut self, features: &Features) -> Result<Self, ModelError> {
         let started = Instant::now();
         let [h, w] = self.manifest.preprocessing.side_size.map(|v| v as usize);
-        self.infer(&[(&vec![0.0; 3 * h * w], features)])?;
+        self.infer(&[(&vec![0.0; 3 * h * w], features)], false)?;
         self.model.set_warm();
         self.load_ms += started.elapsed().as_secs_f64() * 1e3;
         Ok(self)
@@ -264,17 +279,31 @@ impl Adapter {
 
     /// Runs the side network once for requests on several images (their side pixels,
     /// `[3, h, w]` each for its side size, and K/V stacked into one batch); returns each
-    /// image's logits, in order.
-    pub fn run_batch(&self, images: &[(&[f32], &Features)]) -> Result<Vec<Vec<f32>>, ModelError> {
+    /// image's logits, in order, with its relevance where `explain` asks for it.
+    pub fn run_batch(
+        &self,
+        images: &[(&[f32], &Features)],
+        explain: &[bool],
+    ) -> Result<Vec<SideOutput>, ModelError> {
         self.model.request_run("adapter");
-        self.infer(images)
+        let outputs = self.infer(images, explain.iter().any(|&e| e))?;
+        let indices: Vec<_> = images.iter().map(|(_, f)| f.indices.clone()).collect();
+        self.side_outputs(outputs, explain, &indices)
     }
 
-    fn infer(&self, images: &[(&[f32], &Features)]) -> Result<Vec<Vec<f32>>, ModelError> {
+    fn infer(
+        &self,
+        images: &[(&[f32], &Features)],
+        relevance: bool,
+    ) -> Result<RunOutputs, ModelError> {
         let n = images.len();
         let [h, w] = self.manifest.preprocessing.side_size.map(|v| v as usize);
         let Some((_, first)) = images.first() else {
-            return Ok(Vec::new());
+            return Ok(RunOutputs {
+                n: 0,
+                logits: Vec::new(),
+                relevance: None,
+            });
         };
         let [_, layers, heads, k, d] = first.shape;
         let kv_shape = vec![n, layers, heads, k, d];
@@ -303,7 +332,7 @@ impl Adapter {
                 "value_states" => value.view(kv_shape).map_err(error)?,
             ])
             .map_err(error)?;
-        self.logits(&outputs, n)
+        self.take_outputs(&outputs, n, relevance)
     }
 
     /// [`Adapter::run_batch`] on the bound path: the side network runs on every image of the
@@ -315,7 +344,8 @@ impl Adapter {
         &self,
         side_pixels: Vec<f32>,
         kv: &BoundFeatures,
-    ) -> Result<Vec<Vec<f32>>, ModelError> {
+        explain: &[bool],
+    ) -> Result<Vec<SideOutput>, ModelError> {
         self.model.request_run("adapter");
         let n = kv.images();
         let [h, w] = self.manifest.preprocessing.side_size.map(|v| v as usize);
@@ -335,29 +365,157 @@ impl Adapter {
         binding
             .bind_output_to_device("logits", &host)
             .map_err(error)?;
-        let outputs = session.run_binding(&binding).map_err(error)?;
-        self.logits(&outputs, n)
+        let explained = explain.iter().any(|&e| e) && self.explains.is_ok();
+        if explained {
+            for name in [TOKEN_RELEVANCE, PATCH_RELEVANCE] {
+                binding.bind_output_to_device(name, &host).map_err(error)?;
+            }
+        }
+        let outputs = {
+            let outputs = session.run_binding(&binding).map_err(error)?;
+            self.take_outputs(&outputs, n, explained)?
+        };
+        drop(binding);
+        drop(session);
+        let no_indices = vec![None; n];
+        let indices = kv
+            .indices
+            .as_ref()
+            .map_or(no_indices, |all| all.iter().cloned().map(Some).collect());
+        self.side_outputs(outputs, explain, &indices)
     }
 
-    /// The `logits` output of `n` images, one vector each.
-    fn logits(
+    /// A run's outputs on the host: `logits` of `n` images, and with `relevance` the
+    /// explanation outputs, where the adapter has them.
+    fn take_outputs(
         &self,
         outputs: &ort::session::SessionOutputs<'_>,
         n: usize,
-    ) -> Result<Vec<Vec<f32>>, ModelError> {
-        let logits = outputs
-            .get("logits")
-            .ok_or_else(|| self.model.inference_error("no output logits"))?;
-        let (_, data) = logits
-            .try_extract_tensor::<f32>()
-            .map_err(|e| self.model.inference_error(e))?;
+        relevance: bool,
+    ) -> Result<RunOutputs, ModelError> {
+        let extract = |name: &str, per_image: usize| -> Result<Option<Vec<f32>>, ModelError> {
+            let Some(value) = outputs.get(name) else {
+                return Ok(None);
+            };
+            let (_, data) = value
+                .try_extract_tensor::<f32>()
+                .map_err(|e| self.model.inference_error(e))?;
+            if data.len() != n * per_image {
+                return Err(self.model.inference_error(format!(
+                    "{name} holds {} values for {n} images of {per_image}",
+                    data.len(),
+                )));
+            }
+            Ok(Some(data.to_vec()))
+        };
         let classes = self.manifest.classes.len();
-        if data.len() != n * classes {
-            return Err(self.model.inference_error(format!(
-                "logits hold {} values for {n} images of {classes} classes",
-                data.len(),
-            )));
-        }
-        Ok(data.chunks(classes).map(<[f32]>::to_vec).collect())
+        let logits = extract("logits", classes)?
+            .ok_or_else(|| self.model.inference_error("no output logits"))?;
+        let relevance = match &self.explains {
+            Ok(shape) if relevance => {
+                let [rows, columns] = shape.side_grid;
+                match (
+                    extract(TOKEN_RELEVANCE, classes * shape.tokens)?,
+                    extract(PATCH_RELEVANCE, classes * rows * columns)?,
+                ) {
+                    (Some(token), Some(patch)) => Some((token, patch)),
+                    _ => None,
+                }
+            }
+            _ => None,
+        };
+        Ok(RunOutputs {
+            n,
+            logits,
+            relevance,
+        })
     }
+
+    /// Each image's output: its logits, and its relevance where `explain` asks for it.
+    fn side_outputs(
+        &self,
+        run: RunOutputs,
+        explain: &[bool],
+        indices: &[Option<Arc<[i64]>>],
+    ) -> Result<Vec<SideOutput>, ModelError> {
+        let classes = self.manifest.classes.len();
+        let mut out = Vec::with_capacity(run.n);
+        for i in 0..run.n {
+            let logits = run.logits[i * classes..(i + 1) * classes].to_vec();
+            let relevance = match (
+                &self.explains,
+                &run.relevance,
+                explain.get(i),
+                indices.get(i),
+            ) {
+                (Ok(shape), Some((token, patch)), Some(true), Some(Some(indices))) => {
+                    if indices.len() != shape.tokens {
+                        return Err(self.model.inference_error(format!(
+                            "the backbone's token_indices hold {} positions per image, the \
+                             adapter's {TOKEN_RELEVANCE} {}",
+                            indices.len(),
+                            shape.tokens
+                        )));
+                    }
+                    let t = classes * shape.tokens;
+                    let p = patch.len() / run.n;
+                    Some(Relevance {
+                        token: token[i * t..(i + 1) * t].to_vec(),
+                        patch: patch[i * p..(i + 1) * p].to_vec(),
+                        indices: indices.clone(),
+                    })
+                }
+                _ => None,
+            };
+            out.push(SideOutput { logits, relevance });
+        }
+        Ok(out)
+    }
+}
+
+/// What a side network run gives one image.
+#[derive(Clone, Debug, Default)]
+pub struct SideOutput {
+    /// Its logits, in class order.
+    pub logits: Vec<f32>,
+    /// Its explanation outputs, when asked for and the adapter has them.
+    pub relevance: Option<Relevance>,
+}
+
+/// A run's outputs copied out of ONNX Runtime.
+struct RunOutputs {
+    n: usize,
+    logits: Vec<f32>,
+    relevance: Option<(Vec<f32>, Vec<f32>)>,
+}
+
+/// Whether an adapter can explain its answers: its explanation outputs, and its backbone's
+/// token positions.
+fn explanation_support(
+    manifest: &AdapterManifest,
+    backbone: &Backbone,
+) -> Result<RelevanceShape, String> {
+    let kv_shape = backbone.manifest().kv_shape().unwrap_or_default();
+    let shape = RelevanceShape::from_specs(
+        &manifest.explanation_outputs,
+        manifest.classes.len(),
+        manifest.preprocessing.side_size,
+        kv_shape,
+    )?
+    .ok_or_else(|| {
+        format!(
+            "adapter {}@{} was exported without explanation outputs ({TOKEN_RELEVANCE}, \
+             {PATCH_RELEVANCE}); export it again with a current fptserve_models to explain it",
+            manifest.task, manifest.version
+        )
+    })?;
+    if !backbone.has_token_indices() {
+        return Err(format!(
+            "backbone {} was exported without {} (which patch each selected token is); \
+             export it again with a current fptserve_models to explain its tasks",
+            backbone.identity().name,
+            crate::explain::TOKEN_INDICES
+        ));
+    }
+    Ok(shape)
 }

@@ -27,6 +27,9 @@ pub struct Backbone {
     warm: Mutex<Option<Arc<Features>>>,
     /// Whether it serves the adapters of the backbone it was made from.
     standing: Standing,
+    /// Whether its manifest lists [`TOKEN_INDICES`] among its explanation outputs (checked
+    /// against the graph at load).
+    token_indices: bool,
 }
 
 /// Whether a variant serves the adapters of the backbone it was made from.
@@ -164,13 +167,36 @@ pub struct Features {
     pub key: KvData,
     /// `value_states` of the image.
     pub value: KvData,
+    /// `token_indices` of the image, `[layers, heads, k]`, where the backbone outputs them:
+    /// which patch each selected token is (what a saliency map needs, [`crate::explain`]).
+    pub indices: Option<Arc<[i64]>>,
 }
 
 impl Features {
-    /// Memory its K/V take.
+    /// Memory its K/V (and token indices) take.
     pub fn bytes(&self) -> usize {
-        self.key.bytes() + self.value.bytes()
+        self.key.bytes() + self.value.bytes() + self.indices.as_ref().map_or(0, |i| i.len() * 8)
     }
+}
+
+/// The output naming each selected token's position, where a backbone has it.
+pub const TOKEN_INDICES: &str = "token_indices";
+
+/// Splits a batch's `token_indices` into one `[layers, heads, k]` part per image.
+fn split_indices<V: TensorValueTypeMarker + ?Sized>(
+    value: &Value<V>,
+    images: usize,
+) -> Result<Vec<Arc<[i64]>>, String> {
+    let (_, data) = value
+        .try_extract_tensor::<i64>()
+        .map_err(|e| format!("{TOKEN_INDICES} is not int64: {e}"))?;
+    if images == 0 || data.len() % images != 0 {
+        return Err(format!(
+            "{TOKEN_INDICES} holds {} values, not a multiple of {images} images",
+            data.len()
+        ));
+    }
+    Ok(data.chunks(data.len() / images).map(Arc::from).collect())
 }
 
 /// A backbone batch's K/V left where the backbone computed them (device memory under the
@@ -183,6 +209,8 @@ pub struct BoundFeatures {
     pub value: DynTensor,
     /// `[images, layers, heads, k, head_dim]`.
     pub shape: [usize; 5],
+    /// Each image's `token_indices` (on the host), where the backbone outputs them.
+    pub indices: Option<Vec<Arc<[i64]>>>,
 }
 
 impl BoundFeatures {
@@ -232,7 +260,13 @@ impl BoundFeatures {
         Ok(keys
             .into_iter()
             .zip(values)
-            .map(|(key, value)| Features { shape, key, value })
+            .enumerate()
+            .map(|(i, (key, value))| Features {
+                shape,
+                key,
+                value,
+                indices: self.indices.as_ref().map(|all| all[i].clone()),
+            })
             .collect())
     }
 }
@@ -247,7 +281,11 @@ impl Backbone {
             &manifest.file,
             &manifest.sha256,
             &manifest.inputs,
-            &manifest.outputs,
+            &[
+                manifest.outputs.clone(),
+                manifest.explanation_outputs.clone(),
+            ]
+            .concat(),
             Memory::Arena,
         )?;
         let shape = &manifest
@@ -258,6 +296,10 @@ impl Backbone {
             .shape;
         let input_size = [shape[2] as usize, shape[3] as usize];
         let model_bytes = std::fs::metadata(dir.join(&manifest.file)).map_or(0, |m| m.len());
+        let token_indices = manifest
+            .explanation_outputs
+            .iter()
+            .any(|o| o.name == TOKEN_INDICES);
         Ok(Backbone {
             manifest,
             dir: dir.to_path_buf(),
@@ -266,6 +308,7 @@ impl Backbone {
             model_bytes,
             warm: Mutex::new(None),
             standing: Standing::No,
+            token_indices,
         })
     }
 
@@ -307,6 +350,12 @@ impl Backbone {
         self.model.set_warm();
         *slot = Some(features.clone());
         Ok(features)
+    }
+
+    /// Whether it outputs each selected token's position ([`TOKEN_INDICES`]), which saliency
+    /// maps need.
+    pub fn has_token_indices(&self) -> bool {
+        self.token_indices
     }
 
     /// Size of its ONNX model.
@@ -358,6 +407,12 @@ impl Backbone {
         binding
             .bind_output_to_device("value_states", &memory)
             .map_err(error)?;
+        if self.token_indices {
+            let host = super::host_memory().map_err(error)?;
+            binding
+                .bind_output_to_device(TOKEN_INDICES, &host)
+                .map_err(error)?;
+        }
         let mut outputs = session.run_binding(&binding).map_err(error)?;
         let mut take = |name: &str| -> Result<DynTensor, ModelError> {
             outputs
@@ -368,6 +423,11 @@ impl Backbone {
         };
         let key = take("key_states")?;
         let value = take("value_states")?;
+        let indices = if self.token_indices {
+            Some(split_indices(&take(TOKEN_INDICES)?, images).map_err(error_text(&self.model))?)
+        } else {
+            None
+        };
         drop(outputs);
         drop(binding);
         drop(session);
@@ -380,7 +440,12 @@ impl Backbone {
                 )));
             }
         };
-        Ok(BoundFeatures { key, value, shape })
+        Ok(BoundFeatures {
+            key,
+            value,
+            shape,
+            indices,
+        })
     }
 
     fn infer(&self, pixels: Vec<f32>, images: usize) -> Result<Vec<Features>, ModelError> {
@@ -404,6 +469,19 @@ impl Backbone {
         };
         let (shape, keys) = take("key_states")?;
         let (_, values) = take("value_states")?;
+        let mut indices = match (self.token_indices, outputs.remove(TOKEN_INDICES)) {
+            (true, Some(value)) => Some(
+                split_indices(&value, images)
+                    .map_err(error_text(&self.model))?
+                    .into_iter(),
+            ),
+            (true, None) => {
+                return Err(self
+                    .model
+                    .inference_error(format!("no output {TOKEN_INDICES}")));
+            }
+            (false, _) => None,
+        };
         drop(outputs);
         drop(session);
         let shape: [usize; 5] = match shape.as_slice() {
@@ -417,9 +495,19 @@ impl Backbone {
         Ok(keys
             .into_iter()
             .zip(values)
-            .map(|(key, value)| Features { shape, key, value })
+            .map(|(key, value)| Features {
+                shape,
+                key,
+                value,
+                indices: indices.as_mut().and_then(Iterator::next),
+            })
             .collect())
     }
+}
+
+/// Maps a message to the model's inference error.
+fn error_text(model: &Model) -> impl Fn(String) -> ModelError + '_ {
+    move |message| model.inference_error(message)
 }
 
 /// Binds the backbone's input: the caller's host buffer as it is on the CPU; under CUDA a

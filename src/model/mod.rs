@@ -117,6 +117,7 @@ fn dtype_name(ty: &TensorElementType) -> &'static str {
     match ty {
         TensorElementType::Float32 => "float32",
         TensorElementType::Float16 => "float16",
+        TensorElementType::Int64 => "int64",
         _ => "other",
     }
 }

@@ -116,6 +116,10 @@ pub struct BackboneManifest {
     pub inputs: Vec<TensorSpec>,
     /// Graph outputs (`key_states`, `value_states`).
     pub outputs: Vec<TensorSpec>,
+    /// Optional graph outputs for saliency maps (`token_indices`); a key of its own so
+    /// that daemons which predate it ignore it (see [`crate::explain`]).
+    #[serde(default)]
+    pub explanation_outputs: Vec<TensorSpec>,
     /// Weight precision: `float32` (the default), `float16`, `int8`.
     #[serde(default)]
     pub precision: Option<String>,
@@ -219,6 +223,10 @@ pub struct AdapterManifest {
     pub inputs: Vec<TensorSpec>,
     /// Graph outputs (`logits`).
     pub outputs: Vec<TensorSpec>,
+    /// Optional graph outputs for saliency maps (`token_relevance`, `patch_relevance`);
+    /// a key of its own so that daemons which predate it ignore it.
+    #[serde(default)]
+    pub explanation_outputs: Vec<TensorSpec>,
     /// ONNX opset.
     #[serde(default)]
     pub opset: Option<i64>,
