@@ -51,6 +51,8 @@ TRANSIENT_CODES = ("UNAVAILABLE", "RESOURCE_EXHAUSTED", "DEADLINE_EXCEEDED", "AB
 # Selection, CAD SRs, ...): 1.2.840.10008.5.1.4.1.1.88.x. Never classified, whatever the
 # configuration says, so that the gateway cannot feed on its own output.
 SR_SOP_CLASS_PREFIX = "1.2.840.10008.5.1.4.1.1.88."
+# Manufacturer (0008,0070) of the instances fptserve makes: never classified either.
+OWN_MANUFACTURER = "fptserve"
 
 DEFAULTS = {
     "Enabled": True,
@@ -93,6 +95,10 @@ DEFAULTS = {
     # failure. Instances that have it are not classified again (e.g. when their series
     # becomes stable again). Empty string: keep the outcome in memory only.
     "MetadataName": "FptserveSR",
+    # Also store, before each SR, one saliency-map Secondary Capture per task (fptserve's
+    # explain.secondary_capture: the map drawn over the image, in a new series of the same
+    # study), which the SR references; any PACS viewer shows where the model looked.
+    "SaliencyMaps": False,
     # Longest DICOM file sent / SR received, bytes.
     "MaxMessageBytes": 256 * 1024 * 1024,
     # null: plaintext. An object: TLS to fptserve, with "RootCertificates" (PEM CA file
@@ -200,10 +206,12 @@ def grpc_client(config):
     stub = classifier_pb2_grpc.ClassifierStub(channel)
     timeout = float(config["TimeoutSeconds"])
 
+    explain = classifier_pb2.Explain(secondary_capture=True) if config["SaliencyMaps"] else None
+
     def classify(dicom, tasks, request_id):
         return stub.Classify(classifier_pb2.ClassifyRequest(
-            dicom=dicom, tasks=tasks, request_id=request_id, structured_report=True),
-            timeout=timeout)
+            dicom=dicom, tasks=tasks, request_id=request_id, structured_report=True,
+            explain=explain), timeout=timeout)
 
     classify.close = channel.close
     return classify
@@ -436,6 +444,10 @@ class Gateway:
                 or modality in self.config["SkipModalities"]:
             self._set(instance_id, state="skipped", reason="modality")
             return True
+        if str(tags.get("0008,0070") or "").strip() == OWN_MANUFACTURER:
+            # fptserve's own output (a saliency Secondary Capture): never fed back
+            self._set(instance_id, state="skipped", reason="made by fptserve")
+            return True
         tasks = tasks_for(self.config, modality, body_part)
         if not tasks:
             self._set(instance_id, state="skipped", reason="no tasks configured")
@@ -459,6 +471,7 @@ class Gateway:
                 raise PermanentError("NO_STRUCTURED_REPORT",
                                      "fptserve answered without a structured report "
                                      "(a server without SR support?)")
+            captures = self._store_saliency_maps(instance_id, response)
             try:
                 stored = json.loads(self.api.RestApiPost("/instances", sr))
             except self.api.OrthancException as error:
@@ -476,8 +489,32 @@ class Gateway:
         self._set(instance_id, state="done", sr=sr_id, sr_status=stored.get("Status"))
         self._record_outcome(instance_id, sr_id)
         self.api.LogInfo(f"fptserve gateway: instance {instance_id}: structured report "
-                         f"{sr_id} {'was already stored' if again else 'stored'} ({', '.join(tasks)})")
+                         f"{sr_id} {'was already stored' if again else 'stored'} ({', '.join(tasks)})"
+                         + (f", {len(captures)} saliency map(s)" if captures else ""))
         return True
+
+    def _store_saliency_maps(self, instance_id, response):
+        """Stores each task's saliency Secondary Capture (before the SR that references
+        them); their Orthanc ids. A task that could not be explained is logged, not failed:
+        its SR still carries its numbers."""
+        if not self.config["SaliencyMaps"]:
+            return []
+        stored = []
+        for result in response.results:
+            saliency = result.saliency
+            if saliency.unavailable:
+                self.api.LogWarning(f"fptserve gateway: instance {instance_id}: no saliency map for "
+                                    f"{result.task}: {saliency.unavailable}")
+                continue
+            if not saliency.secondary_capture:
+                continue
+            try:
+                answer = json.loads(self.api.RestApiPost("/instances", bytes(saliency.secondary_capture)))
+            except self.api.OrthancException as error:
+                raise PermanentError("SC_REJECTED", f"Orthanc refused the saliency map of {result.task} ({error})")
+            stored.append(answer["ID"])
+        self._set(instance_id, saliency_maps=stored)
+        return stored
 
     def _classify_with_retries(self, instance_id, dicom, tasks, request_id):
         """The reply, retrying transient codes without limit (capped exponential backoff;

@@ -947,3 +947,38 @@ def test_a_first_start_classifies_only_what_arrives_unless_asked_for_the_archive
         plugin.load_config({"Fptserve": {"Retries": 4}})
     with pytest.raises(ValueError, match="CursorProperty"):
         plugin.load_config({"Fptserve": {"CursorProperty": 12}})
+
+
+def test_saliency_maps_are_stored_with_the_report_and_never_classified(
+        fptserve, stubs, sources, start_orthanc, tmp_path):
+    """SaliencyMaps: each task's saliency Secondary Capture is stored in the source's study
+    before the report, which references it; the gateway sees the captures arrive and leaves
+    them alone (fptserve's own output), so Orthanc holds one report and no report of a map."""
+    orthanc = start_orthanc(gateway_config(fptserve.addr, SaliencyMaps=True))
+    path, proposal, tasks = sources["explicit_le"]
+    source_id = orthanc.store(path, proposal)
+    status = orthanc.wait_settled([source_id])
+    entry = status["instances"][source_id]
+    assert entry["state"] == "done", (entry, orthanc.log())
+    captures = entry["saliency_maps"]
+    assert len(captures) == len(tasks) >= 1
+    time.sleep(1.0)  # let the gateway see what it stored
+    deadline = time.monotonic() + 30
+    while (status := orthanc.status())["backlog"]["pending"]:
+        assert time.monotonic() < deadline, status
+        time.sleep(0.1)
+    assert len(orthanc.reports()) == 1
+    sr = read_strictly(orthanc.get(f"/instances/{entry['sr']}/file"))
+    source = pydicom.dcmread(path, stop_before_pixels=True)
+    source_study = orthanc.get_json(f"/instances/{source_id}/study")["ID"]
+    for capture_id, group, task in zip(captures, sr.ContentSequence, tasks):
+        sc = read_strictly(orthanc.get(f"/instances/{capture_id}/file"))
+        assert sc.SOPClassUID == "1.2.840.10008.5.1.4.1.1.7" and sc.Manufacturer == "fptserve"
+        assert sc.SourceImageSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
+        assert task.split("@")[0] in sc.SeriesDescription
+        assert orthanc.get_json(f"/instances/{capture_id}/study")["ID"] == source_study
+        saliency = [i for i in group.ContentSequence if concept(i) == "Saliency map"]
+        assert saliency[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID == sc.SOPInstanceUID
+        assert status["instances"][capture_id] == {"state": "skipped", "reason": "made by fptserve"}
+    for value in PHI:
+        assert value not in orthanc.log() and value not in fptserve.log()
