@@ -18,7 +18,7 @@ evictions both happen). Client threads send, at random (seeded):
              with structured_report, an out-of-range frame
   cancelled  a Classify the client cancels after 0-20 ms
   deadline   a Classify with a 10-40 ms deadline (about the demo models' latency, so some
-             answer in time; the daemon answers DEADLINE_EXCEEDED 5 ms before a deadline,
+             answer in time; the daemon answers DEADLINE_EXCEEDED 20 ms before a deadline,
              before tonic's own timer would answer CANCELLED)
   list       ListTasks
 
