@@ -15,6 +15,13 @@ count is the same at every width (benches/ort_options.py on the demo adapter, wh
 BENCHMARKS.md case 3 measures 1.30x on the same CPU for the full-size dr-grade adapter (10 to
 100 copies beside ViT-B/16, which this test does not load). BOUND leaves room for CPUs whose
 kernels pack weights differently.
+
+An adapter exported with explanation outputs (saliency maps, the default) holds more: the
+explanation subgraph's weights in the orientation it reads them (side.onnx grows from 3.8 to
+4.5 MiB) and ONNX Runtime's plan and buffers for it: 7.6-7.8 MiB per warm adapter, 1.68-1.73x
+its file (this Xeon, two runs), against 5.5 MiB (1.45x) for the same side network exported
+without them.
+EXPLAIN_BOUND bounds it the same way.
 """
 
 import json
@@ -33,6 +40,7 @@ from fptserve_models.config import PAPER_SIDE, BackboneConfig  # noqa: E402
 from fptserve_models.demo import DR_MEAN, DR_STD, TaskSpec, build_repository  # noqa: E402
 
 BOUND = 1.6
+EXPLAIN_BOUND = 2.0
 FEW, MANY = 8, 40
 RESIDENT = "fptserve_process_resident_memory_bytes"
 IMAGE = FIXTURES / "images" / "rgb8.png"
@@ -46,12 +54,12 @@ TEMPLATE = TaskSpec("template", "1", ("none", "mild", "moderate", "severe", "pro
                     tuple(DR_MEAN), tuple(DR_STD), 7)
 
 
-@pytest.fixture(scope="module")
-def template(tmp_path_factory):
+@pytest.fixture(scope="module", params=[False, True], ids=["plain", "with-explanation-outputs"])
+def template(request, tmp_path_factory):
     repo = tmp_path_factory.mktemp("memory") / "template"
     build_repository(repo, SMALL_BACKBONE, PAPER_SIDE, "vit-memory", 0, [TEMPLATE], parity_samples=1,
-                     log=lambda _: None)
-    return repo
+                     log=lambda _: None, explain=request.param)
+    return repo, request.param
 
 
 def copies(template, out, count):
@@ -85,11 +93,13 @@ def warm_resident_bytes(repository, count, stubs):
 
 
 def test_resident_memory_per_warm_adapter_is_close_to_its_file(template, tmp_path, stubs):
+    template, explain = template
     side_bytes = (template / "tasks" / TEMPLATE.task / TEMPLATE.version / "side.onnx").stat().st_size
     assert side_bytes > 3_500_000  # a paper-size side network (3.8 MB), not the demo's 160 KB
     few = warm_resident_bytes(copies(template, tmp_path / "few", FEW), FEW, stubs)
     many = warm_resident_bytes(copies(template, tmp_path / "many", MANY), MANY, stubs)
     per_adapter = (many - few) / (MANY - FEW)
     ratio = per_adapter / side_bytes
-    print(f"per warm adapter {per_adapter / 2**20:.2f} MiB, side.onnx {side_bytes / 2**20:.2f} MiB: {ratio:.2f}x")
-    assert 0.9 < ratio <= BOUND, (per_adapter, side_bytes, ratio)
+    print(f"per warm adapter {per_adapter / 2**20:.2f} MiB, side.onnx {side_bytes / 2**20:.2f} MiB: {ratio:.2f}x"
+          f" ({'with' if explain else 'without'} explanation outputs)")
+    assert 0.9 < ratio <= (EXPLAIN_BOUND if explain else BOUND), (per_adapter, side_bytes, ratio)
