@@ -895,6 +895,109 @@ def session_options(s: Settings) -> Section:
                        s.work / "ort-options.md")
 
 
+# --------------------------------------------------------------------------------------------
+# case 12: saliency maps
+# --------------------------------------------------------------------------------------------
+
+
+def side_without_explanation(side_onnx: Path, out: Path) -> Path:
+    """The same side network with only its `logits` output: ONNX Runtime computes every graph
+    output whatever a run asks for, so this is what an adapter exported without explanation
+    outputs costs."""
+    import onnx.utils
+
+    onnx.utils.extract_model(str(side_onnx), str(out), ["side_pixel_values", "key_states", "value_states"],
+                             ["logits"], check_model=False)
+    return out
+
+
+def explain_cost(s: Settings) -> Section:
+    """What `explain` costs: whole calls with a backbone run (a new picture each), calls whose
+    features come from the feature cache (so the rest of the call stands out), and the side
+    network with and without its explanation outputs."""
+    t = s.template
+    pb = s.stubs[0]
+    variants = {
+        "off": {},
+        "map": {"explain": pb.Explain()},
+        "map + overlay PNG": {"explain": pb.Explain(overlay=True)},
+        "map + Secondary Capture + SR": {"explain": pb.Explain(secondary_capture=True), "structured_report": True},
+    }
+    path = data.serving_dicom(s.work, s.serving_size)
+    dicom = path.read_bytes()
+    pictures = distinct_pictures(s, 2 * (s.warmup + s.repeats), seed=300)
+    hit = {name: [] for name in variants}
+    run = {"off": [], "map + overlay PNG": []}
+    with Fptserve(s.binary, t.repository, s.threads, cache=True) as server:
+        client = Client(server.addr, s.stubs)
+
+        def call(image, name):
+            t0 = time.perf_counter()
+            reply = client.stub.Classify(pb.ClassifyRequest(dicom=image, tasks=[t.spec], **variants[name]),
+                                         timeout=600)
+            seconds = time.perf_counter() - t0
+            if name != "off" and reply.results[0].saliency.unavailable:
+                raise RuntimeError(f"{t.spec} cannot explain: {reply.results[0].saliency.unavailable} "
+                                   "(models exported before explanation outputs? export them again)")
+            return seconds, reply
+
+        for name in variants:
+            warm(lambda: call(dicom, name), s.warmup)
+        for r in range(s.repeats):
+            order = list(variants) if r % 2 == 0 else list(reversed(variants))
+            for name in order:
+                seconds, reply = call(dicom, name)
+                if reply.backbone_cache_hits != 1:
+                    raise RuntimeError(f"explain cost: expected a feature-cache hit, got {reply}")
+                hit[name].append(seconds)
+        fresh = iter(pictures)
+        for r in range(s.warmup + s.repeats):
+            for name in (("off", "map + overlay PNG") if r % 2 == 0 else ("map + overlay PNG", "off")):
+                seconds, reply = call(next(fresh), name)
+                if r >= s.warmup:
+                    run[name].append(seconds)
+        client.close()
+    # the side network alone, as ONNX Runtime runs it, with and without explanation outputs
+    pixels, side = ready_tensors(dicom, t)
+    backbone = session(t.repository / "backbones" / t.manifest["backbone"]["name"] / "backbone.onnx", s.threads)
+    keys, values = backbone.run(["key_states", "value_states"], {"pixel_values": pixels})
+    feeds = {"side_pixel_values": side, "key_states": keys, "value_states": values}
+    with_outputs = session(t.side_onnx, s.threads)
+    logits_only = session(side_without_explanation(t.side_onnx, s.work / "side-logits-only.onnx"), s.threads)
+    sides = {"with explanation outputs": [], "logits only": []}
+    for sess in (with_outputs, logits_only):
+        warm(lambda: sess.run(["logits"], feeds), s.warmup)
+    for r in range(s.repeats):
+        for name, sess in ((("with explanation outputs", with_outputs), ("logits only", logits_only))
+                           if r % 2 == 0 else (("logits only", logits_only), ("with explanation outputs", with_outputs))):
+            sides[name].extend(block(lambda: elapsed(lambda: sess.run(["logits"], feeds)), 5))
+
+    hit_s = {k: stats(v) for k, v in hit.items()}
+    run_s = {k: stats(v) for k, v in run.items()}
+    side_s = {k: stats(v) for k, v in sides.items()}
+    base = hit_s["off"]["median"]
+    rows = [[name, ms(v), f"{v['median'] / base:.2f}x"] for name, v in hit_s.items()]
+    md = f"""\
+`explain` on {t.spec}, {s.serving_size}x{s.serving_size} uncompressed DICOM. Calls whose
+features come from the feature cache (the same image, so the backbone does not run and the rest
+of the call stands out), {s.repeats} rounds after {s.warmup} warm-up, the variants alternating:
+
+{table(["explain", "latency ms", "vs off"], rows)}
+
+Whole calls with a backbone run (a new picture each call, {s.repeats} each): off
+{ms(run_s["off"])} ms, map + overlay PNG {ms(run_s["map + overlay PNG"])} ms:
+**{run_s["map + overlay PNG"]["median"] / run_s["off"]["median"]:.3f}x**.
+
+The side network alone in ONNX Runtime (batch 1, {5 * s.repeats} runs each): with its explanation
+outputs {ms(side_s["with explanation outputs"], 2)} ms, logits only {ms(side_s["logits only"], 2)} ms
+(**{side_s["with explanation outputs"]["median"] / side_s["logits only"]["median"]:.2f}x**). ONNX Runtime
+computes every output of a graph whatever a run asks for, so an adapter exported with explanation
+outputs pays this on every call, asked to explain or not; `--no-explain-outputs` exports one without.
+"""
+    return Section("12. Saliency maps: the cost of explain", md,
+                   {"cache_hit": hit_s, "backbone_run": run_s, "side_network": side_s})
+
+
 CASES = {
     "1": serving_overhead,
     "2": many_tasks,
@@ -907,4 +1010,5 @@ CASES = {
     "9": int8_backbone,
     "10": session_options,
     "11": decode_bound_throughput,
+    "12": explain_cost,
 }

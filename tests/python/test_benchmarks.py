@@ -29,7 +29,8 @@ def test_quick_benchmarks_run_every_case(tmp_path):
                   "6. Adapter hot swap", "7. Feature cache",
                   "8. Training memory: FPT+ with preloaded K/V against full fine-tuning", "9. INT8 backbone (CPU)",
                   "10. ONNX Runtime session options",
-                  "11. Decode-bound throughput: exact vs reduced-resolution decoding"):
+                  "11. Decode-bound throughput: exact vs reduced-resolution decoding",
+                  "12. Saliency maps: the cost of explain"):
         assert f"## {title}" in report
     assert re.search(r"fptserve / floor: (\d+\.\d+)", report)
     raw = json.loads((work / "results-quick.json").read_text())
@@ -51,6 +52,10 @@ def test_quick_benchmarks_run_every_case(tmp_path):
     # decode-bound throughput: both paths at concurrency 1 and 8
     bound = raw["11. Decode-bound throughput: exact vs reduced-resolution decoding"]
     assert set(bound) == {"1", "8"} and all(set(v) == {"exact", "reduced"} for v in bound.values())
+    # explain: every variant on cache hits, a backbone run with and without, the side network alone
+    explain = raw["12. Saliency maps: the cost of explain"]
+    assert set(explain["cache_hit"]) == {"off", "map", "map + overlay PNG", "map + Secondary Capture + SR"}
+    assert set(explain["backbone_run"]) == {"off", "map + overlay PNG"} and len(explain["side_network"]) == 2
     # memory grows with adapters, and by less per adapter than per fused model
     memory = raw["3. Memory"]
     assert memory["per_adapter_bytes"]["warm"] < memory["per_fused_model_bytes"]["warm"]
