@@ -66,6 +66,7 @@ fn to_proto(outcome: Outcome, request_id: String) -> pb::ClassifyResponse {
             queue_ms: outcome.timings.queue_ms,
             backbone_ms: outcome.timings.backbone_ms,
             adapters_ms: outcome.timings.adapters_ms,
+            explain_ms: outcome.timings.explain_ms,
             total_ms: outcome.timings.total_ms,
         }),
         backbone_features_reused: outcome.backbone_features_reused,
@@ -245,7 +246,10 @@ impl Classifier for ClassifierService {
                 identity,
             };
             let (outcome, instances) = tokio::task::spawn_blocking(move || {
+                let started = std::time::Instant::now();
                 let instances = made.build(&outcome)?;
+                let mut outcome = outcome;
+                outcome.timings.total_ms += started.elapsed().as_secs_f64() * 1e3;
                 Ok::<_, Status>((outcome, instances))
             })
             .await

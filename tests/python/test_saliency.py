@@ -87,6 +87,7 @@ def test_the_daemons_map_equals_pytorchs(daemon, stubs, models, image):
     tasks = ["dr-grade@1", "dr-grade@2", "skin-lesion@1", "chest-xray@1"]
     reply = classify(daemon, stubs, IMAGES / image, tasks)
     assert [r.task for r in reply.results] == [t.split("@")[0] for t in tasks]
+    assert 0 < reply.timings.explain_ms < reply.timings.total_ms
     for reference, result in zip(tasks, reply.results):
         s = result.saliency
         assert s.unavailable == "", s.unavailable
