@@ -197,6 +197,23 @@ pub fn build(
             vec![code("126000", "DCM", "Imaging Measurement Report")],
         ),
         text(tags::CONTINUITY_OF_CONTENT, VR::CS, "SEPARATE"),
+        // the private scheme of the class and saliency codes, declared (SOP Common)
+        sequence(
+            tags::CODING_SCHEME_IDENTIFICATION_SEQUENCE,
+            vec![InMemDicomObject::from_element_iter([
+                text(tags::CODING_SCHEME_DESIGNATOR, VR::SH, PRIVATE_SCHEME),
+                text(
+                    tags::CODING_SCHEME_NAME,
+                    VR::ST,
+                    "fptserve codes: class index of the task's adapter, saliency map",
+                ),
+                text(
+                    tags::CODING_SCHEME_RESPONSIBLE_ORGANIZATION,
+                    VR::ST,
+                    "fptserve",
+                ),
+            ])],
+        ),
         sequence(
             tags::CONTENT_SEQUENCE,
             results

@@ -495,8 +495,8 @@ class Gateway:
 
     def _store_saliency_maps(self, instance_id, response):
         """Stores each task's saliency Secondary Capture (before the SR that references
-        them); their Orthanc ids. A task that could not be explained is logged, not failed:
-        its SR still carries its numbers."""
+        them); their Orthanc ids. A task that could not be explained, or whose capture Orthanc
+        refuses, is logged, not failed: its SR still carries its numbers."""
         if not self.config["SaliencyMaps"]:
             return []
         stored = []
@@ -511,7 +511,11 @@ class Gateway:
             try:
                 answer = json.loads(self.api.RestApiPost("/instances", bytes(saliency.secondary_capture)))
             except self.api.OrthancException as error:
-                raise PermanentError("SC_REJECTED", f"Orthanc refused the saliency map of {result.task} ({error})")
+                # the report (the numbers) matters more than the picture: it is still stored
+                self.api.LogError(f"fptserve gateway: instance {instance_id}: Orthanc refused the saliency "
+                                  f"map of {result.task} ({error}); storing the report without it")
+                self.counters["saliency_refused"] += 1
+                continue
             stored.append(answer["ID"])
         self._set(instance_id, saliency_maps=stored)
         return stored
