@@ -13,6 +13,9 @@ evictions both happen). Client threads send, at random (seeded):
              (feature-cache hits)
   multi      2-4 tasks, some pinned to a version (task@1)
   sr         Classify with structured_report on a DICOM file
+  explain    Classify with saliency maps on a DICOM file (1-2 tasks, sometimes a named
+             class, an overlay PNG, Secondary Captures and a report): every task must come
+             back with a map (and what was asked for), else the call counts as WRONG_ANSWER
   infer      KServe ModelInfer with 1-3 files (BYTES)
   bad        a corpus file the daemon refuses, random bytes, an unknown task, no task, a PNG
              with structured_report, an out-of-range frame
@@ -68,8 +71,12 @@ CACHE_BYTES = 96 * 1024
 RSS_RELATIVE = 0.05
 FD_BOUND = 8
 THREAD_BOUND = 8
-WEIGHTS = {"classify": 30, "multi": 14, "sr": 8, "infer": 10, "bad": 12, "cancelled": 8, "deadline": 8,
-           "list": 3}
+WEIGHTS = {"classify": 30, "multi": 14, "sr": 8, "explain": 6, "infer": 10, "bad": 12, "cancelled": 8,
+           "deadline": 8, "list": 3}
+
+
+class WrongAnswer(Exception):
+    """An OK reply that does not hold what the call asked for."""
 
 
 def proc_sample(pid: int) -> dict:
@@ -168,6 +175,9 @@ class Soak:
             code = error.code().name
         except grpc.FutureCancelledError:
             code = "CANCELLED"
+        except WrongAnswer as error:
+            code = "WRONG_ANSWER"
+            what = f"{what}: {error}"
         self.record(kind, code, time.perf_counter() - t, allowed, what)
 
     def classify_request(self, entry, tasks, **extra):
@@ -193,6 +203,33 @@ class Soak:
             request = self.classify_request(entry, ["dr-grade", "skin-lesion"], structured_report=True,
                                             request_id=f"soak-{rng.getrandbits(32)}")
             self.call(kind, ok, lambda: self.classifier.Classify(request, timeout=60), entry[0])
+        elif kind == "explain":
+            entry = rng.choice(self.dicoms)
+            tasks = rng.sample(["dr-grade", "skin-lesion", "chest-xray"], rng.randint(1, 2))
+            explain = self.pb.Explain(overlay=rng.random() < 0.5, secondary_capture=rng.random() < 0.5,
+                                      class_name="malignant" if rng.random() < 0.2 else "")
+            report = rng.random() < 0.5
+            request = self.classify_request(entry, tasks, explain=explain, structured_report=report,
+                                            request_id=f"soak-{rng.getrandbits(32)}")
+
+            def explained():
+                reply = self.classifier.Classify(request, timeout=60)
+                for result in reply.results:
+                    saliency = result.saliency
+                    named_elsewhere = explain.class_name and explain.class_name not in [c.name for c in result.scores]
+                    if named_elsewhere:
+                        if "not one of this task's classes" not in saliency.unavailable:
+                            raise WrongAnswer(f"{result.task}: {saliency.unavailable!r}")
+                        continue
+                    if saliency.unavailable or saliency.rows == 0 or len(saliency.values) != saliency.rows ** 2:
+                        raise WrongAnswer(f"{result.task}: no map ({saliency.unavailable!r})")
+                    if explain.overlay != bool(saliency.overlay_png) or \
+                            explain.secondary_capture != bool(saliency.secondary_capture):
+                        raise WrongAnswer(f"{result.task}: overlay/capture not as asked")
+                if report != bool(reply.structured_report):
+                    raise WrongAnswer("report not as asked")
+
+            self.call(kind, ok, explained, f"{entry[0]} {tasks}")
         elif kind == "infer":
             entries = rng.sample(self.good, rng.randint(1, 3))
             request = self.kpb.ModelInferRequest(model_name=rng.choice(self.tasks))

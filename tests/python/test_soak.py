@@ -30,7 +30,7 @@ def test_two_minute_soak_has_no_unexpected_code_and_no_growth(tmp_path):
     assert report["daemon_stop_exit"] == 0, summary  # drained and exited cleanly on SIGTERM
     codes = report["calls_by_kind_and_code"]
     # every kind of traffic really happened, the error kinds included
-    for key in ("classify OK", "multi OK", "sr OK", "infer OK", "list OK", "admin OK", "cancelled CANCELLED",
+    for key in ("classify OK", "multi OK", "sr OK", "explain OK", "infer OK", "list OK", "admin OK", "cancelled CANCELLED",
                 "deadline DEADLINE_EXCEEDED", "bad INVALID_ARGUMENT", "bad NOT_FOUND"):
         assert codes.get(key, 0) > 0, (key, summary)
     assert len(report["corpus"]["transfer_syntaxes"]) >= 10, summary
