@@ -176,6 +176,8 @@ impl Identity {
     /// once; without it new each time.
     pub fn new(kind: &str, source: &Source, request: Option<&str>) -> Self {
         let made_for = |what: &str| match request {
+            // the report (kind "") keeps the UIDs it had before other kinds existed, so a
+            // request retried across an upgrade still names the report it made
             Some(id) if kind.is_empty() => {
                 derived_uid(&[what, &source.study, &source.sop_instance, id])
             }

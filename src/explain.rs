@@ -36,8 +36,6 @@ pub const PATCH_RELEVANCE: &str = "patch_relevance";
 /// The shapes of an adapter's explanation outputs, read from its manifest at load.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RelevanceShape {
-    /// Classes.
-    pub classes: usize,
     /// `layers * heads * k` token relevances per class.
     pub tokens: usize,
     /// The side network's patch grid, `[rows, columns]`.
@@ -103,7 +101,6 @@ impl RelevanceShape {
                 )
             })?;
         Ok(Some(RelevanceShape {
-            classes,
             tokens: expected[2..].iter().product::<i64>() as usize,
             side_grid,
         }))
@@ -323,7 +320,6 @@ mod tests {
 
     fn shape() -> RelevanceShape {
         RelevanceShape {
-            classes: 2,
             tokens: 4,
             side_grid: [2, 2],
         }

@@ -13,28 +13,26 @@ use dicom_object::InMemDicomObject;
 
 use crate::dicom_instance::{self, Identity, InstanceError, Made, Source, sequence, text};
 use crate::engine::TaskOutcome;
-use crate::explain::{Explanation, SaliencyMap};
+use crate::explain::SaliencyMap;
 use crate::structured_report::Capture;
 
 /// Secondary Capture Image Storage.
 pub const SECONDARY_CAPTURE: &str = "1.2.840.10008.5.1.4.1.1.7";
 const MADE: &str = "saliency secondary capture";
 
-/// The Secondary Capture of `result`'s overlay for the instance `source` (the parsed
-/// classified file), made at `now`; `request` makes its UIDs repeatable as for the report
-/// (with the task's place in the call, so each task's capture has its own). `None` when the
-/// result has no overlay.
+/// The Secondary Capture of `overlay` (`result`'s `map` drawn over the classified frame) for
+/// the instance `source` (the parsed classified file), made at `now`; `request` makes its
+/// UIDs repeatable as for the report (with the task's place in the call, so each task's
+/// capture has its own).
 pub fn build(
     source: &InMemDicomObject,
     result: &TaskOutcome,
+    map: &SaliencyMap,
+    overlay: &image::RgbImage,
     task_index: usize,
     now: &(String, String),
     request: Option<&str>,
-) -> Result<Option<(Vec<u8>, Capture)>, InstanceError> {
-    let (Some(overlay), Some(Explanation::Map(map))) = (&result.overlay, &result.explanation)
-    else {
-        return Ok(None);
-    };
+) -> Result<(Vec<u8>, Capture), InstanceError> {
     let src = Source::read(source, MADE)?;
     let kind = format!("secondary capture\0{task_index}\0{}", result.task);
     let identity = Identity::new(&kind, &src, request);
@@ -99,13 +97,13 @@ pub fn build(
         sc.put(element);
     }
     let bytes = dicom_instance::write(sc, MADE)?;
-    Ok(Some((
+    Ok((
         bytes,
         Capture {
             sop_class: SECONDARY_CAPTURE.to_string(),
             identity,
         },
-    )))
+    ))
 }
 
 /// What the image shows, in words (Derivation Description, at most 1024 characters).

@@ -122,8 +122,14 @@ pub struct Explain {
 impl Explain {
     /// Whether the call's task reference `task` (naming `adapter`) is to be explained.
     fn wants(&self, task: &str, adapter: &Adapter) -> bool {
-        self.tasks.is_empty() || self.tasks.iter().any(|t| t == task || t == adapter.task())
+        self.tasks.is_empty() || self.tasks.iter().any(|t| names(t, task, adapter))
     }
+}
+
+/// Whether `name` of `explain.tasks` names the call's task reference `task` (resolved to
+/// `adapter`): as the call wrote it, or by the bare task name.
+fn names(name: &str, task: &str, adapter: &Adapter) -> bool {
+    name == task || name == adapter.task()
 }
 
 /// Why a request failed; mapped to a gRPC status in `grpc::status`.
@@ -203,9 +209,11 @@ pub struct TaskOutcome {
     /// Its saliency map, or why it has none, when the call asked for one.
     #[serde(skip)]
     pub explanation: Option<Explanation>,
-    /// The map drawn over the decoded picture, when the call asked for it.
+    /// The decoded picture its map is to be drawn over, when the call asked for an overlay
+    /// and there is a map (drawn by whoever encodes it, off the executor:
+    /// [`crate::explain::overlay`]).
     #[serde(skip)]
-    pub overlay: Option<Arc<image::RgbImage>>,
+    pub picture: Option<Arc<RgbImage>>,
 }
 
 /// Wall time per stage, in milliseconds.
@@ -221,7 +229,7 @@ pub struct Timings {
     pub backbone_ms: f64,
     /// Side network runs.
     pub adapters_ms: f64,
-    /// Saliency maps and overlays.
+    /// Saliency maps.
     pub explain_ms: f64,
     /// Everything.
     pub total_ms: f64,
@@ -495,8 +503,12 @@ impl Engine {
             .collect::<Result<_, _>>()?;
         if let Some(explain) = &request.explain {
             for t in &explain.tasks {
-                let named = request.tasks.iter().zip(&adapters);
-                if !named.clone().any(|(r, a)| r == t || a.task() == t) {
+                if !request
+                    .tasks
+                    .iter()
+                    .zip(&adapters)
+                    .any(|(r, a)| names(t, r, a))
+                {
                     return Err(ClassifyError::Explain(format!(
                         "explain.tasks names {t:?}, which is not one of the call's tasks"
                     )));
@@ -793,11 +805,12 @@ fn task_outcome(adapter: &Adapter, logits: Vec<f32>, run: u32, batch_size: u32) 
         backbone_run: run,
         backbone_batch_size: batch_size,
         explanation: None,
-        overlay: None,
+        picture: None,
     }
 }
 
-/// Puts a task's saliency map (and overlay) on its outcome, or the reason it has none.
+/// Puts a task's saliency map (and the picture for its overlay) on its outcome, or the reason
+/// it has none. Cheap (a scatter onto the patch grid): it runs on the executor.
 fn explain_task(
     outcome: &mut TaskOutcome,
     adapter: &Adapter,
@@ -831,9 +844,7 @@ fn explain_task(
     })();
     match made {
         Ok(map) => {
-            if let Some(picture) = picture {
-                outcome.overlay = Some(Arc::new(explain::overlay(&picture, &map)));
-            }
+            outcome.picture = picture;
             outcome.explanation = Some(Explanation::Map(map));
         }
         Err(reason) => outcome.explanation = Some(Explanation::Unavailable(reason)),

@@ -114,7 +114,7 @@ fn explain_request(explain: pb::Explain) -> engine::Explain {
 }
 
 /// What a call asked to be made of its results besides the answer itself.
-struct Made {
+struct Extras {
     /// The classified DICOM instance's header, when a report or capture is asked for.
     source: Option<dicom_object::InMemDicomObject>,
     structured_report: bool,
@@ -135,34 +135,41 @@ struct Outputs {
     pngs: Vec<Option<Vec<u8>>>,
 }
 
-impl Made {
-    /// Blocking: encodes overlays and writes DICOM.
+impl Extras {
+    /// Blocking: draws overlays, encodes them and writes DICOM.
     fn build(self, outcome: &Outcome) -> Result<Outputs, Status> {
         let mut out = Outputs::default();
-        if self.pngs {
-            for r in &outcome.results {
-                out.pngs.push(match &r.overlay {
-                    Some(overlay) => Some(explain::png(overlay).map_err(Status::internal)?),
-                    None => None,
-                });
-            }
-        }
-        let Some(source) = &self.source else {
-            return Ok(out);
-        };
         let now = dicom_instance::now();
         let identity = self.identity.as_deref();
         let mut referenced = Vec::new();
         for (i, result) in outcome.results.iter().enumerate() {
-            let capture = if self.captures {
-                secondary_capture::build(source, result, i, &now, identity)?
-            } else {
-                None
+            // each task's overlay drawn once, for its PNG and its capture
+            let overlay = match (&result.picture, &result.explanation) {
+                (Some(picture), Some(Explanation::Map(map))) => {
+                    Some((explain::overlay(picture, map), map))
+                }
+                _ => None,
+            };
+            let png = match (&overlay, self.pngs) {
+                (Some((overlay, _)), true) => {
+                    Some(explain::png(overlay).map_err(Status::internal)?)
+                }
+                _ => None,
+            };
+            out.pngs.push(png);
+            let capture = match (&self.source, &overlay, self.captures) {
+                (Some(source), Some((overlay, map)), true) => Some(secondary_capture::build(
+                    source, result, map, overlay, i, &now, identity,
+                )?),
+                _ => None,
             };
             let (bytes, capture) = capture.unzip();
             out.captures.push(bytes);
             referenced.push(capture);
         }
+        let Some(source) = &self.source else {
+            return Ok(out);
+        };
         if self.structured_report {
             out.report =
                 structured_report::build(source, &outcome.results, &referenced, now, identity)?;
@@ -238,7 +245,7 @@ impl Classifier for ClassifierService {
             };
             let outcome = calls::classify(engine, engine_request, deadline, slot).await?;
             // DICOM instances and PNGs: seconds for large frames, off the executor
-            let made = Made {
+            let extras = Extras {
                 source,
                 structured_report: request.structured_report,
                 captures: explain.secondary_capture,
@@ -247,7 +254,7 @@ impl Classifier for ClassifierService {
             };
             let (outcome, instances) = tokio::task::spawn_blocking(move || {
                 let started = std::time::Instant::now();
-                let instances = made.build(&outcome)?;
+                let instances = extras.build(&outcome)?;
                 let mut outcome = outcome;
                 outcome.timings.total_ms += started.elapsed().as_secs_f64() * 1e3;
                 Ok::<_, Status>((outcome, instances))
